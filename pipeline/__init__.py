@@ -1,0 +1,1 @@
+"""20 Newsgroups pipeline: one module per DVC stage plus a few shared modules."""

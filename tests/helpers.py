@@ -1,0 +1,135 @@
+"""Builders shared by the tests: tiny bydate archives and throwaway project copies."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+from pipeline.config import compose
+from pipeline.io import sha256_file
+from pipeline.schemas import GROUPS
+
+ROOT = Path(__file__).resolve().parent.parent
+GIT_ENV = {
+    "GIT_AUTHOR_NAME": "test",
+    "GIT_AUTHOR_EMAIL": "test@example.com",
+    "GIT_COMMITTER_NAME": "test",
+    "GIT_COMMITTER_EMAIL": "test@example.com",
+}
+# Words that make each group's posts distinguishable, so tiny models can learn something.
+TOPIC_WORDS = [g.replace(".", " ").replace("-", " ") for g in GROUPS]
+
+
+def make_post(group_index: int, k: int) -> str:
+    """A small post with headers, a quoted reply, a latin-1 character and a signature."""
+    topic = TOPIC_WORDS[group_index]
+    return (
+        f"From: user{k}@example.edu (User {k})\n"
+        f"Subject: Re: question {k} about {topic}\n"
+        f"Organization: Université {group_index}\n"
+        f"Lines: 7\n"
+        "\n"
+        f"In article <{k}@example.edu> someone writes:\n"
+        f"> an earlier opinion on {topic}\n"
+        f"I think {topic} is interesting, post number {k}. Café {topic} {topic}.\n"
+        f"More about {topic} and number {k * 7 % 13}.\n"
+        "\n"
+        "-- \n"
+        f"User {k}, signature line\n"
+    )
+
+
+def add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = 738892800
+    tar.addfile(info, io.BytesIO(data))
+
+
+def build_archive(
+    path: Path,
+    n_train: int = 6,
+    n_test: int = 3,
+    top: str | None = "20news-bydate",
+    extra: list[tarfile.TarInfo] | None = None,
+) -> str:
+    """Write a tiny bydate archive (all 20 groups) and return its sha256."""
+    prefix = f"{top}/" if top else ""
+    with tarfile.open(path, "w:gz") as tar:
+        for gi, group in enumerate(GROUPS):
+            for origin, n, offset in (("train", n_train, 0), ("test", n_test, 500)):
+                for k in range(n):
+                    number = 10000 + 1000 * gi + offset + k
+                    post = make_post(gi, k).encode("latin-1")
+                    add_bytes(tar, f"{prefix}20news-bydate-{origin}/{group}/{number}", post)
+        for info in extra or []:
+            tar.addfile(info, io.BytesIO(b"x" * info.size) if info.isfile() else None)
+    return sha256_file(path)
+
+
+def write_params(dest: Path, *overrides: str) -> None:
+    """Compose conf/ with overrides into ``dest``, the way `dvc exp run -S` does."""
+    dest.write_text(compose(list(overrides)), encoding="utf-8")
+
+
+def archive_overrides(archive: Path, sha256: str) -> list[str]:
+    return [f"data.archive={archive}", f"data.archive_sha256={sha256}"]
+
+
+def stage_env(**extra: str) -> dict[str, str]:
+    """Environment for stage/DVC subprocesses: this venv first, no analytics, git identity."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NEWSGROUPS_")}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env.update(GIT_ENV, DVC_NO_ANALYTICS="1", TOKENIZERS_PARALLELISM="false")
+    env.update(extra)
+    return env
+
+
+def run(cmd: list[str], cwd: Path, env: dict[str, str] | None = None, check: bool = True):
+    """Run a command, returning the CompletedProcess; on failure show its output."""
+    proc = subprocess.run(cmd, cwd=cwd, env=env or stage_env(), capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(cmd)} exited {proc.returncode}\n"
+            f"{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+        )
+    return proc
+
+
+def run_stage(stage: str, cwd: Path, **env: str):
+    """Run one stage module as DVC would, in ``cwd``; never raises on failure."""
+    return run([sys.executable, "-m", f"pipeline.{stage}"], cwd, stage_env(**env), check=False)
+
+
+def copy_project(dest: Path) -> Path:
+    """Copy the project's tracked and unignored files into a fresh git repo at ``dest``."""
+    files = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split("\0")
+    for name in filter(None, files):
+        src = ROOT / name
+        if src.is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / name)
+    for generated in ("dvc.lock", "data", "reports"):
+        target = dest / generated
+        if target.is_dir():
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
+    run(["git", "init", "-q"], dest)
+    return dest
+
+
+def git_commit(repo: Path, message: str = "snapshot") -> None:
+    run(["git", "add", "-A"], repo)
+    run(["git", "commit", "-q", "-m", message, "--allow-empty"], repo)

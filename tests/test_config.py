@@ -1,0 +1,91 @@
+"""params.yaml stays the composition of conf/, and bad params fail with one clear line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.config import compose, load_section, load_seed
+from pipeline.errors import PipelineError
+from pipeline.fetch import DataParams
+from pipeline.tokenize import TokenizerParams
+from tests.helpers import ROOT
+
+
+def test_params_yaml_matches_conf() -> None:
+    committed = (ROOT / "params.yaml").read_text(encoding="utf-8")
+    assert committed == compose(), "params.yaml drifted from conf/: run `make params`"
+
+
+def test_smoke_experiment_overrides_group_values() -> None:
+    default, smoke = yaml.safe_load(compose()), yaml.safe_load(compose(["experiment=smoke"]))
+    assert default["data"]["max_docs_per_class"] is None
+    assert smoke["data"]["max_docs_per_class"] == 8
+    assert smoke["tokenizer"]["vocab_size"] < default["tokenizer"]["vocab_size"]
+    assert "experiment" not in smoke
+
+
+def test_every_section_of_the_default_config_validates() -> None:
+    load_section("data", DataParams, ROOT / "params.yaml")
+    load_section("tokenizer", TokenizerParams, ROOT / "params.yaml")
+    assert load_seed(ROOT / "params.yaml") == 42
+
+
+def _params_with(tmp_path: Path, section: str, **values: object) -> Path:
+    params = yaml.safe_load(compose())
+    params[section].update(values)
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params), encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"vocab_sise": 10}, r"unknown key tokenizer.vocab_sise \(allowed keys: kind, vocab_size"),
+        ({"vocab_size": "big"}, r"tokenizer.vocab_size='big': Input should be a valid integer"),
+        (
+            {"vocab_size": 5},
+            r"tokenizer.vocab_size=5: Input should be greater than or equal to 300",
+        ),
+        ({"kind": "sentencepiece"}, r"tokenizer.kind='sentencepiece': Input should be 'bpe' or 'wordpiece'"),
+        ({"lowercase": "yes"}, r"tokenizer.lowercase='yes': Input should be a valid boolean"),
+    ],
+)
+def test_invalid_tokenizer_params(tmp_path: Path, values: dict, message: str) -> None:
+    path = _params_with(tmp_path, "tokenizer", **values)
+    with pytest.raises(PipelineError, match=message) as err:
+        load_section("tokenizer", TokenizerParams, path)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        (
+            {"validation_fraction": 1.5},
+            r"data.validation_fraction=1.5: Input should be less than 1",
+        ),
+        ({"remove": ["signatures"]}, r"data.remove.0='signatures': Input should be 'headers'"),
+        ({"max_docs_per_class": 0}, r"data.max_docs_per_class=0: Input should be greater"),
+        ({"archive_sha256": "abc"}, r"data.archive_sha256='abc': String should match pattern"),
+    ],
+)
+def test_invalid_data_params(tmp_path: Path, values: dict, message: str) -> None:
+    with pytest.raises(PipelineError, match=message):
+        load_section("data", DataParams, _params_with(tmp_path, "data", **values))
+
+
+def test_missing_or_malformed_params_file(tmp_path: Path) -> None:
+    with pytest.raises(PipelineError, match="params.yaml: file not found"):
+        load_section("data", DataParams, tmp_path / "params.yaml")
+    (tmp_path / "params.yaml").write_text("data: [unclosed", encoding="utf-8")
+    with pytest.raises(PipelineError, match="not valid YAML"):
+        load_section("data", DataParams, tmp_path / "params.yaml")
+    (tmp_path / "params.yaml").write_text("seed: -1\n", encoding="utf-8")
+    with pytest.raises(PipelineError, match="missing section 'data'"):
+        load_section("data", DataParams, tmp_path / "params.yaml")
+    with pytest.raises(PipelineError, match="seed=-1: expected a non-negative integer"):
+        load_seed(tmp_path / "params.yaml")
