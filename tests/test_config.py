@@ -50,7 +50,10 @@ def _params_with(tmp_path: Path, section: str, **values: object) -> Path:
             {"vocab_size": 5},
             r"tokenizer.vocab_size=5: Input should be greater than or equal to 300",
         ),
-        ({"kind": "sentencepiece"}, r"tokenizer.kind='sentencepiece': Input should be 'bpe' or 'wordpiece'"),
+        (
+            {"kind": "sentencepiece"},
+            r"tokenizer.kind='sentencepiece': Input should be 'bpe' or 'wordpiece'",
+        ),
         ({"lowercase": "yes"}, r"tokenizer.lowercase='yes': Input should be a valid boolean"),
     ],
 )
