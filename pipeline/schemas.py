@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Mapping
 
+import numpy as np
 import pandas as pd
 import pandera.pandas as pa
 from pandera.typing import Series
@@ -139,3 +140,129 @@ class TokenizedSplit(pa.DataFrameModel):
 
     class Config:
         strict = "filter"
+
+
+# Prediction tables: what a model stage hands to `calibrate` and `evaluate`.
+NUM_CLASSES = len(GROUPS)
+PREDICTION_SPLITS: tuple[str, ...] = ("validation", "test")
+LOGIT_COLUMNS: tuple[str, ...] = tuple(f"logit_{j}" for j in range(NUM_CLASSES))
+PROB_COLUMNS: tuple[str, ...] = tuple(f"p_{j}" for j in range(NUM_CLASSES))
+PROB_ATOL = 1e-6  # how far a probability may stray outside [0, 1], or a row sum from 1
+
+
+class Predictions(pa.DataFrameModel):
+    """``data/predictions/<model>/predictions.parquet``: one row per validation/test document.
+
+    ``logit_j`` are unnormalised scores whose softmax is the model's probability of class
+    ``j`` (a linear model's decision function, a network's last layer). Calibrators are
+    fitted on the validation rows; only the test rows are scored.
+    """
+
+    id: Series[str] = pa.Field(unique=True, str_matches=r"^(train|test)/[^/]+/[^/]+$")
+    split: Series[str] = pa.Field(isin=list(PREDICTION_SPLITS))
+    label: Series[pa.Int64] = pa.Field(ge=0, le=NUM_CLASSES - 1)
+    logit_0: Series[pa.Float64]
+    logit_1: Series[pa.Float64]
+    logit_2: Series[pa.Float64]
+    logit_3: Series[pa.Float64]
+    logit_4: Series[pa.Float64]
+    logit_5: Series[pa.Float64]
+    logit_6: Series[pa.Float64]
+    logit_7: Series[pa.Float64]
+    logit_8: Series[pa.Float64]
+    logit_9: Series[pa.Float64]
+    logit_10: Series[pa.Float64]
+    logit_11: Series[pa.Float64]
+    logit_12: Series[pa.Float64]
+    logit_13: Series[pa.Float64]
+    logit_14: Series[pa.Float64]
+    logit_15: Series[pa.Float64]
+    logit_16: Series[pa.Float64]
+    logit_17: Series[pa.Float64]
+    logit_18: Series[pa.Float64]
+    logit_19: Series[pa.Float64]
+
+    class Config:
+        strict = True
+        ordered = True
+
+    @pa.check(r"^logit_\d+$", regex=True, error="logits must be finite")
+    def finite(cls, s: Series[float]) -> Series[bool]:
+        return pd.Series(np.isfinite(s.to_numpy()), index=s.index)
+
+    @pa.dataframe_check(error="test rows must be test documents, validation rows train documents")
+    def split_matches_origin(cls, df: pd.DataFrame) -> Series[bool]:
+        return df["id"].str.startswith("test/") == (df["split"] == "test")
+
+
+class Probabilities(pa.DataFrameModel):
+    """Calibrated (or plain softmax) probabilities of one model on one split, per document."""
+
+    id: Series[str] = pa.Field(unique=True)
+    label: Series[pa.Int64] = pa.Field(ge=0, le=NUM_CLASSES - 1)
+    p_0: Series[pa.Float64]
+    p_1: Series[pa.Float64]
+    p_2: Series[pa.Float64]
+    p_3: Series[pa.Float64]
+    p_4: Series[pa.Float64]
+    p_5: Series[pa.Float64]
+    p_6: Series[pa.Float64]
+    p_7: Series[pa.Float64]
+    p_8: Series[pa.Float64]
+    p_9: Series[pa.Float64]
+    p_10: Series[pa.Float64]
+    p_11: Series[pa.Float64]
+    p_12: Series[pa.Float64]
+    p_13: Series[pa.Float64]
+    p_14: Series[pa.Float64]
+    p_15: Series[pa.Float64]
+    p_16: Series[pa.Float64]
+    p_17: Series[pa.Float64]
+    p_18: Series[pa.Float64]
+    p_19: Series[pa.Float64]
+
+    class Config:
+        strict = True
+        ordered = True
+
+    @pa.check(r"^p_\d+$", regex=True, error="probabilities must lie in [0, 1]")
+    def in_unit_interval(cls, s: Series[float]) -> Series[bool]:
+        return s.between(-PROB_ATOL, 1 + PROB_ATOL)
+
+    @pa.dataframe_check(error=f"probability rows must sum to 1 (within {PROB_ATOL})")
+    def rows_sum_to_one(cls, df: pd.DataFrame) -> Series[bool]:
+        return (df[list(PROB_COLUMNS)].sum(axis=1) - 1.0).abs() <= PROB_ATOL
+
+
+class MetricsRow(pa.DataFrameModel):
+    """One row of the evaluate stage's summary: a model, before or after calibration."""
+
+    model: Series[str] = pa.Field(str_matches=r"^[A-Za-z0-9_.-]+$")
+    variant: Series[str] = pa.Field(isin=["uncalibrated", "calibrated"])
+    n: Series[int] = pa.Field(ge=1)
+    accuracy: Series[float] = pa.Field(ge=0, le=1)
+    accuracy_ci_low: Series[float] = pa.Field(ge=0, le=1)
+    accuracy_ci_high: Series[float] = pa.Field(ge=0, le=1)
+    macro_f1: Series[float] = pa.Field(ge=0, le=1)
+    nll: Series[float] = pa.Field(ge=0)
+    brier: Series[float] = pa.Field(ge=0, le=2)
+    ece: Series[float] = pa.Field(ge=0, le=1)
+    ece_ci_low: Series[float] = pa.Field(ge=0, le=1)
+    ece_ci_high: Series[float] = pa.Field(ge=0, le=1)
+    adaptive_ece: Series[float] = pa.Field(ge=0, le=1)
+    mce: Series[float] = pa.Field(ge=0, le=1)
+    classwise_ece: Series[float] = pa.Field(ge=0, le=1)
+    aurc: Series[float] = pa.Field(ge=0, le=1)
+
+    class Config:
+        strict = True
+
+    @pa.dataframe_check(error="confidence intervals must be ordered low <= high")
+    def ordered_intervals(cls, df: pd.DataFrame) -> Series[bool]:
+        return (df["accuracy_ci_low"] <= df["accuracy_ci_high"]) & (
+            df["ece_ci_low"] <= df["ece_ci_high"]
+        )
+
+    @pa.dataframe_check(error="one row per model and variant")
+    def unique_rows(cls, df: pd.DataFrame) -> Series[bool]:
+        return ~df.duplicated(["model", "variant"], keep=False)

@@ -25,8 +25,9 @@ from pydantic import Field
 
 from pipeline.config import Section, load_section
 from pipeline.errors import PipelineError, run_stage
-from pipeline.io import atomic_outputs, digest_strings, write_json
+from pipeline.io import atomic_outputs, digest_strings, sha256_file, write_json
 from pipeline.schemas import SPLITS, Documents, TokenizedSplit, validate
+from pipeline.tracking import StageRun
 
 IN_TABLE = Path("data/raw/documents.parquet")
 OUT_TOKENIZER = Path("data/tokenizer")
@@ -158,6 +159,7 @@ def main() -> None:
 
     disable_caching()  # artifacts go to data/ via save_to_disk, not to the HF cache
     params = load_section("tokenizer", TokenizerParams)
+    tracking = StageRun("tokenize")
     if not IN_TABLE.is_file():
         raise PipelineError(f"{IN_TABLE}: not found (run `dvc repro fetch` first)")
     docs = validate(pd.read_parquet(IN_TABLE), Documents, str(IN_TABLE))
@@ -199,6 +201,8 @@ def main() -> None:
         f"tokenize: vocab {vocab_size}, train {train['tokens']} tokens "
         f"(mean {train['mean_length']}/doc) -> {OUT_TOKENIZER}, {OUT_DATA}, {REPORT}"
     )
+    inputs = {"documents": sha256_file(IN_TABLE)}
+    tracking.log(["tokenizer"], report, [REPORT, OUT_TOKENIZER / "tokenizer.json"], inputs)
 
 
 if __name__ == "__main__":

@@ -24,3 +24,21 @@ def _clear_hydra():
     GlobalHydra.instance().clear()
     yield
     GlobalHydra.instance().clear()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _tracking_store(tmp_path_factory: pytest.TempPathFactory):
+    """Stages run by the tests log to one throwaway SQLite store, not to the project's.
+
+    Tests about tracking itself pass their own MLFLOW_TRACKING_URI.
+    """
+    import os
+
+    store = tmp_path_factory.mktemp("mlflow") / "mlflow.db"
+    previous = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{store}"
+    yield
+    if previous is None:
+        del os.environ["MLFLOW_TRACKING_URI"]
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = previous

@@ -1,0 +1,150 @@
+"""Stage `baseline`: TF-IDF + logistic regression, the classical model to beat.
+
+Fitted on the train split of ``data/raw/documents.parquet`` only (the vectoriser's
+vocabulary and idf too); the validation split is predicted for ``calibrate`` and the test
+split for ``evaluate``. With headers kept, ``sublinear_tf``, ``min_df=2`` and ``C=10`` it
+reaches about 85% test accuracy on the full data.
+
+Logits are the multinomial model's decision function ``X @ coef.T + intercept``, whose
+softmax is exactly ``predict_proba``, so calibration and evaluation treat this model like
+any other.
+
+Outputs: ``data/predictions/baseline/predictions.parquet`` (see
+:mod:`pipeline.predictions`) and ``reports/baseline.json`` (vocabulary size, solver
+iterations, fit time, validation accuracy).
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+from pydantic import Field
+
+from pipeline.config import Section, load_section, load_seed
+from pipeline.errors import PipelineError, run_stage
+from pipeline.io import atomic_outputs, sha256_file, write_json
+from pipeline.predictions import DOCUMENTS, PRED_DIR, PRED_FILE, make_table
+from pipeline.schemas import GROUPS, PREDICTION_SPLITS, Documents, Predictions, validate
+from pipeline.tracking import StageRun
+
+MODEL = "baseline"
+OUT_DIR = PRED_DIR / MODEL
+REPORT = "reports/baseline.json"
+
+
+class BaselineParams(Section):
+    """Section ``baseline`` of params.yaml."""
+
+    # TfidfVectorizer
+    lowercase: bool = True
+    sublinear_tf: bool = True
+    min_df: int = Field(default=2, ge=1)
+    max_df: float = Field(default=1.0, gt=0.0, le=1.0)
+    ngram_max: int = Field(default=1, ge=1, le=3)
+    max_features: int | None = Field(default=None, ge=1)
+    # LogisticRegression (multinomial)
+    C: float = Field(default=10.0, gt=0.0)
+    solver: Literal["lbfgs", "newton-cg", "saga", "sag"] = "lbfgs"
+    max_iter: int = Field(default=1000, ge=1)
+    tol: float = Field(default=1e-4, gt=0.0)
+
+
+def fit(texts: list[str], labels: np.ndarray, params: BaselineParams, seed: int):
+    """Fit the vectoriser and the classifier on train texts; returns (vectoriser, model, info)."""
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+
+    vectorizer = TfidfVectorizer(
+        lowercase=params.lowercase,
+        sublinear_tf=params.sublinear_tf,
+        min_df=params.min_df,
+        max_df=params.max_df,
+        ngram_range=(1, params.ngram_max),
+        max_features=params.max_features,
+        dtype=np.float64,
+    )
+    try:
+        x = vectorizer.fit_transform(texts)
+    except ValueError as exc:  # e.g. "After pruning, no terms remain"
+        raise PipelineError(f"baseline: TF-IDF on the train split failed: {exc}") from None
+    model = LogisticRegression(
+        C=params.C,
+        solver=params.solver,
+        max_iter=params.max_iter,
+        tol=params.tol,
+        random_state=seed,
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConvergenceWarning)
+        model.fit(x, labels)
+    converged = not any(issubclass(w.category, ConvergenceWarning) for w in caught)
+    info = {
+        "features": int(x.shape[1]),
+        "iterations": int(np.max(model.n_iter_)),
+        "converged": converged,
+    }
+    return vectorizer, model, info
+
+
+def logits_for(vectorizer, model, texts: list[str]) -> np.ndarray:
+    """Logits over all 20 classes (zero-filled columns would be wrong: every class is fitted)."""
+    z = np.asarray(model.decision_function(vectorizer.transform(texts)), dtype=np.float64)
+    return z
+
+
+def main() -> None:
+    params = load_section("baseline", BaselineParams)
+    seed = load_seed()
+    tracking = StageRun("baseline")
+    if not DOCUMENTS.is_file():
+        raise PipelineError(f"{DOCUMENTS}: not found (run `dvc repro fetch` first)")
+    docs = validate(pd.read_parquet(DOCUMENTS), Documents, str(DOCUMENTS))
+    train = docs[docs["split"] == "train"]
+    classes = sorted(set(train["label"]))
+    if classes != list(range(len(GROUPS))):
+        raise PipelineError(
+            f"{DOCUMENTS}: the train split must hold every one of the {len(GROUPS)} classes "
+            f"(it has {len(classes)})"
+        )
+    start = time.perf_counter()
+    vectorizer, model, info = fit(train["text"].tolist(), train["label"].to_numpy(), params, seed)
+    fit_seconds = time.perf_counter() - start
+    if not info["converged"]:
+        print(
+            f"baseline: warning: {params.solver} did not converge in max_iter={params.max_iter}",
+            flush=True,
+        )
+    parts = []
+    for split in PREDICTION_SPLITS:
+        part = docs[docs["split"] == split]
+        logits = logits_for(vectorizer, model, part["text"].tolist())
+        parts.append(make_table(part["id"], part["split"], part["label"], logits))
+    table = validate(pd.concat(parts, ignore_index=True), Predictions, str(OUT_DIR / PRED_FILE))
+    val = table[table["split"] == "validation"]
+    val_pred = val[[f"logit_{j}" for j in range(len(GROUPS))]].to_numpy().argmax(axis=1)
+    report = {
+        "model": "tfidf+logistic_regression",
+        "train_documents": len(train),
+        **info,
+        "fit_seconds": round(fit_seconds, 1),
+        "validation_documents": len(val),
+        "validation_accuracy": float(np.mean(val_pred == val["label"].to_numpy())),
+    }
+    with atomic_outputs() as out:
+        table.to_parquet(out.dir(OUT_DIR) / PRED_FILE, index=False)
+        write_json(out.file(REPORT), report)
+    print(
+        f"baseline: {info['features']} features, {info['iterations']} iterations, "
+        f"{fit_seconds:.1f}s; validation accuracy {report['validation_accuracy']:.4f} "
+        f"-> {OUT_DIR / PRED_FILE}, {REPORT}"
+    )
+    tracking.log(["seed", "baseline"], report, [REPORT], {"documents": sha256_file(DOCUMENTS)})
+
+
+if __name__ == "__main__":
+    run_stage(main)

@@ -1,0 +1,132 @@
+"""Stage `calibrate`: fit a post-hoc calibrator per model on its validation logits only.
+
+For every model in ``calibrate.models`` it reads ``data/predictions/<model>/predictions
+.parquet``, fits ``calibrate.method`` on the validation rows (the test rows are never
+read here) and saves the calibrator as JSON. ``method: auto`` compares
+``calibrate.auto_methods`` by stratified K-fold cross-validated NLL on the validation
+split and refits the winner on all of it.
+
+Outputs: ``data/models/calibrator/<model>.json`` (:meth:`Calibrator.to_dict`) and
+``reports/calibrate.json`` (method, validation NLL/ECE before and after, CV table).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, field_validator
+
+from pipeline.calibration import DEFAULT_METHOD, METHODS, fit_calibrator, select_auto, softmax
+from pipeline.config import Section, load_section, load_seed
+from pipeline.errors import run_stage
+from pipeline.io import atomic_outputs, write_json
+from pipeline.metrics import ece, nll
+from pipeline.predictions import MODEL_NAME, load_predictions, read_documents, split_arrays
+from pipeline.tracking import StageRun
+
+OUT_DIR = Path("data/models/calibrator")
+REPORT = Path("reports/calibrate.json")
+
+Method = Literal["temperature", "vector", "matrix", "histogram", "isotonic", "none"]
+MethodOrAuto = Literal["temperature", "vector", "matrix", "histogram", "isotonic", "none", "auto"]
+
+
+class ScalingOptions(Section):
+    reg: float = Field(ge=0.0)
+    max_iter: int = Field(default=200, ge=1)
+
+
+class TemperatureOptions(Section):
+    max_iter: int = Field(default=100, ge=1)
+
+
+class HistogramOptions(Section):
+    n_bins: int = Field(default=15, ge=1, le=1000)
+
+
+class CalibrateOptions(Section):
+    """Per-method options, passed to :func:`pipeline.calibration.fit_calibrator`."""
+
+    temperature: TemperatureOptions = TemperatureOptions()
+    vector: ScalingOptions = ScalingOptions(reg=1e-3, max_iter=200)
+    matrix: ScalingOptions = ScalingOptions(reg=1e-2, max_iter=500)
+    histogram: HistogramOptions = HistogramOptions()
+
+
+class CalibrateParams(Section):
+    """Section ``calibrate`` of params.yaml."""
+
+    models: list[str] = Field(min_length=1)
+    method: MethodOrAuto = DEFAULT_METHOD
+    auto_methods: list[Method] = Field(default_factory=lambda: list(METHODS), min_length=1)
+    folds: int = Field(default=5, ge=2)
+    options: CalibrateOptions = CalibrateOptions()
+
+    @field_validator("models")
+    @classmethod
+    def _names(cls, models: list[str]) -> list[str]:
+        bad = [m for m in models if not MODEL_NAME.match(m)]
+        if bad:
+            raise ValueError(f"model names must match {MODEL_NAME.pattern}, got {bad}")
+        if len(set(models)) != len(models):
+            raise ValueError("model names must be unique")
+        return models
+
+    def opts(self, method: str) -> dict[str, Any]:
+        section = getattr(self.options, method, None)
+        return section.model_dump() if section is not None else {}
+
+
+def calibrate_model(
+    logits, labels, params: CalibrateParams, seed: int
+) -> tuple[Any, dict[str, Any]]:
+    """Fit the configured calibrator on validation logits; returns (calibrator, report)."""
+    report: dict[str, Any] = {"method": params.method}
+    method = params.method
+    if method == "auto":
+        opts = {m: params.opts(m) for m in params.auto_methods}
+        method, table = select_auto(logits, labels, params.auto_methods, params.folds, seed, opts)
+        report.update(method=method, selected_by="auto", folds=params.folds, cv=table)
+    calibrator = fit_calibrator(method, logits, labels, seed, **params.opts(method))
+    before, after = softmax(logits), calibrator.predict_proba(logits)
+    report.update(
+        validation_documents=len(labels),
+        validation_nll_before=nll(before, labels),
+        validation_nll_after=nll(after, labels),
+        validation_ece_before=ece(before, labels),
+        validation_ece_after=ece(after, labels),
+    )
+    if method == "temperature":
+        report["temperature"] = calibrator.temperature
+    return calibrator, report
+
+
+def main() -> None:
+    params = load_section("calibrate", CalibrateParams)
+    seed = load_seed()
+    tracking = StageRun("calibrate")
+    docs = read_documents()
+    calibrators, reports = {}, {}
+    for model in params.models:
+        preds = load_predictions(model, docs)
+        _, logits, labels = split_arrays(preds, "validation")
+        calibrator, report = calibrate_model(logits, labels, params, seed)
+        calibrators[model], reports[model] = calibrator, report
+        chosen = f"auto -> {report['method']}" if params.method == "auto" else report["method"]
+        print(
+            f"calibrate: {model}: {chosen}, validation NLL "
+            f"{report['validation_nll_before']:.4f} -> {report['validation_nll_after']:.4f} "
+            "(in-sample)"
+        )
+    with atomic_outputs() as out:
+        folder = out.dir(OUT_DIR)
+        for model, calibrator in calibrators.items():
+            write_json(folder / f"{model}.json", calibrator.to_dict())
+        write_json(out.file(REPORT), reports)
+    print(f"calibrate: {len(calibrators)} calibrator(s) -> {OUT_DIR}/, {REPORT}")
+    tracking.log(["seed", "calibrate"], reports, [REPORT, OUT_DIR])
+
+
+if __name__ == "__main__":
+    run_stage(main)

@@ -1,0 +1,306 @@
+"""Reading the ``tokenize`` artifacts, and the collators that turn documents into batches.
+
+``data/tokenized/`` is a ``datasets.DatasetDict`` (train/validation/test) of whole
+documents: ``id`` (str), ``label`` (int64), ``input_ids`` (int32, no special tokens, no
+truncation). Each split is loaded once into two flat numpy arrays (token values and
+offsets), which makes row access free and forks cheaply into DataLoader workers.
+
+Randomness (MLM windows and masks) comes from torch's RNG: the global one in training,
+which Lightning's ``seed_everything(workers=True)`` and the loader's seeded generator make
+repeatable in every worker, and a per-batch generator derived from the first document's
+index when a fixed ``seed`` is given (validation), so the held-out loss is measured on
+the same masks at every evaluation and for any number of workers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, NamedTuple
+
+import lightning.pytorch as L
+import numpy as np
+import pyarrow as pa
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from pipeline.errors import PipelineError
+
+PAD_ID, UNK_ID, CLS_ID, SEP_ID, MASK_ID = 0, 1, 2, 3, 4
+# Fixed by the tokenize stage; load_vocab_size checks the tokenizer file agrees.
+SPECIAL_TOKENS = {
+    "[PAD]": PAD_ID,
+    "[UNK]": UNK_ID,
+    "[CLS]": CLS_ID,
+    "[SEP]": SEP_ID,
+    "[MASK]": MASK_ID,
+}
+N_SPECIAL = 5  # ids below this are never masked, predicted or drawn as random replacements
+SPLITS = ("train", "validation", "test")
+IGNORE = -100  # label of positions that carry no MLM loss
+
+LongDoc = Literal["chunk", "head_tail", "head"]
+
+
+def load_vocab_size(tokenizer_path: str | Path) -> int:
+    """Vocabulary size of the ``tokenize`` tokenizer, after checking its special-token ids."""
+    from tokenizers import Tokenizer
+
+    path = Path(tokenizer_path)
+    if not path.is_file():
+        raise PipelineError(f"{path}: tokenizer not found (run the tokenize stage)")
+    tok = Tokenizer.from_file(str(path))
+    for token, expected in SPECIAL_TOKENS.items():
+        if tok.token_to_id(token) != expected:
+            raise PipelineError(
+                f"{path}: special token {token} has id {tok.token_to_id(token)}, expected "
+                f"{expected}"
+            )
+    return tok.get_vocab_size()
+
+
+class Example(NamedTuple):
+    index: int
+    tokens: np.ndarray  # int32, the whole document without special tokens
+    label: int
+
+
+class DocumentTokens(Dataset[Example]):
+    """One split held as flat token values + offsets (fast, picklable, fork-friendly)."""
+
+    def __init__(self, ids: list[str], labels: np.ndarray, values: np.ndarray, offsets: np.ndarray):
+        self.ids = ids
+        self.labels = labels
+        self.values = values
+        self.offsets = offsets
+
+    @classmethod
+    def from_arrow(cls, table: pa.Table) -> DocumentTokens:
+        column = table.column("input_ids").combine_chunks()
+        if column.null_count:
+            raise PipelineError("input_ids has null rows")
+        values = column.values.to_numpy(zero_copy_only=False).astype(np.int32, copy=False)
+        offsets = column.offsets.to_numpy().astype(np.int64)
+        labels = table.column("label").to_numpy().astype(np.int64)
+        return cls(table.column("id").to_pylist(), labels, values, offsets)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> Example:
+        return Example(i, self.values[self.offsets[i] : self.offsets[i + 1]], int(self.labels[i]))
+
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+
+def load_splits(
+    path: str | Path, vocab_size: int, n_classes: int, splits: tuple[str, ...] = SPLITS
+) -> dict[str, DocumentTokens]:
+    """Load and check the requested splits of ``data/tokenized`` (a ``save_to_disk`` dir)."""
+    from datasets import DatasetDict, load_from_disk
+
+    path = Path(path)
+    try:
+        dd = load_from_disk(str(path))
+    except FileNotFoundError:
+        raise PipelineError(f"{path}: tokenized dataset not found (run tokenize)") from None
+    if not isinstance(dd, DatasetDict):
+        raise PipelineError(f"{path}: expected a DatasetDict with splits {list(splits)}")
+    out = {}
+    for split in splits:
+        if split not in dd:
+            raise PipelineError(f"{path}: missing split '{split}' (found {list(dd)})")
+        ds = dd[split]
+        missing = {"id", "label", "input_ids"} - set(ds.column_names)
+        if missing:
+            raise PipelineError(f"{path}/{split}: missing columns {sorted(missing)}")
+        data = DocumentTokens.from_arrow(ds.with_format("arrow")[:])
+        where = f"{path}/{split}"
+        if len(data) == 0:
+            raise PipelineError(f"{where}: no documents")
+        if data.labels.min() < 0 or data.labels.max() >= n_classes:
+            raise PipelineError(f"{where}: labels outside 0..{n_classes - 1}")
+        if data.values.size and (data.values.min() < 0 or data.values.max() >= vocab_size):
+            raise PipelineError(f"{where}: token ids outside the vocabulary (0..{vocab_size - 1})")
+        out[split] = data
+    return out
+
+
+def _generator(seed: int | None, batch: list[Example]) -> torch.Generator | None:
+    if seed is None:
+        return None
+    return torch.Generator().manual_seed(seed * 1_000_003 + batch[0].index)
+
+
+def pad_sequences(seqs: list[np.ndarray]) -> tuple[Tensor, Tensor]:
+    """Right-pad int sequences into (input_ids int64, attention_mask bool)."""
+    lengths = torch.tensor([len(s) for s in seqs])
+    ids = torch.full((len(seqs), int(lengths.max())), PAD_ID, dtype=torch.long)
+    for row, seq in enumerate(seqs):
+        ids[row, : len(seq)] = torch.from_numpy(np.asarray(seq, dtype=np.int64))
+    return ids, torch.arange(ids.shape[1])[None, :] < lengths[:, None]
+
+
+def wrap(body: np.ndarray) -> np.ndarray:
+    """``[CLS] body [SEP]``."""
+    return np.concatenate(([CLS_ID], body, [SEP_ID])).astype(np.int64)
+
+
+def mask_tokens(
+    input_ids: Tensor, vocab_size: int, rate: float, generator: torch.Generator | None = None
+) -> tuple[Tensor, Tensor]:
+    """BERT-style dynamic masking: returns (masked inputs, labels with -100 elsewhere).
+
+    Each content token (id >= N_SPECIAL) is chosen with probability ``rate``; chosen
+    tokens become [MASK] 80% of the time, a random content token 10%, unchanged 10%.
+    Special and pad tokens are never chosen. At least one token per batch is chosen when
+    any content token exists, so the loss is always defined.
+    """
+    candidates = input_ids >= N_SPECIAL
+    chosen = (torch.rand(input_ids.shape, generator=generator) < rate) & candidates
+    if not chosen.any() and candidates.any():
+        first = candidates.reshape(-1).nonzero()[0]
+        chosen.view(-1)[first] = True
+    labels = torch.where(chosen, input_ids, torch.full_like(input_ids, IGNORE))
+    action = torch.rand(input_ids.shape, generator=generator)
+    random_ids = torch.randint(N_SPECIAL, vocab_size, input_ids.shape, generator=generator)
+    masked = torch.where(chosen & (action < 0.8), torch.full_like(input_ids, MASK_ID), input_ids)
+    masked = torch.where(chosen & (action >= 0.8) & (action < 0.9), random_ids, masked)
+    return masked, labels
+
+
+@dataclass
+class MLMCollator:
+    """Random windows of ``max_len - 2`` tokens from each document, wrapped and masked."""
+
+    max_len: int
+    vocab_size: int
+    mask_rate: float = 0.15
+    seed: int | None = None  # fixed windows and masks (validation); None: training RNG
+
+    def __call__(self, batch: list[Example]) -> dict[str, Tensor]:
+        gen = _generator(self.seed, batch)
+        body = self.max_len - 2
+        seqs = []
+        for ex in batch:
+            n = len(ex.tokens)
+            start = int(torch.randint(0, n - body + 1, (1,), generator=gen)) if n > body else 0
+            seqs.append(wrap(ex.tokens[start : start + body]))
+        ids, attention_mask = pad_sequences(seqs)
+        masked, labels = mask_tokens(ids, self.vocab_size, self.mask_rate, gen)
+        return {"input_ids": masked, "attention_mask": attention_mask, "labels": labels}
+
+
+def split_document(
+    tokens: np.ndarray, strategy: LongDoc, body_len: int, max_chunks: int, head_fraction: float
+) -> list[np.ndarray]:
+    """The token bodies (without [CLS]/[SEP]) the classifier sees for one document.
+
+    ``chunk``: consecutive chunks of ``body_len`` tokens, at most ``max_chunks``; when the
+    document fits in ``max_chunks`` chunks the last one is aligned to the document's end
+    (overlapping its neighbour) so no chunk is a short stub. ``head_tail``: the first
+    ``head_fraction`` of the budget from the start and the rest from the end.
+    ``head``: the first ``body_len`` tokens. A document never yields zero sequences.
+    """
+    n = len(tokens)
+    if n <= body_len:
+        return [tokens]
+    if strategy == "head":
+        return [tokens[:body_len]]
+    if strategy == "head_tail":
+        n_head = round(body_len * head_fraction)
+        return [np.concatenate((tokens[:n_head], tokens[n - (body_len - n_head) :]))]
+    n_chunks = -(-n // body_len)
+    if n_chunks > max_chunks:
+        return [tokens[i * body_len : (i + 1) * body_len] for i in range(max_chunks)]
+    starts = [i * body_len for i in range(n_chunks - 1)] + [n - body_len]
+    return [tokens[s : s + body_len] for s in starts]
+
+
+@dataclass
+class ClassifyCollator:
+    """Documents to chunk batches for :class:`pipeline.model.Classifier`.
+
+    Returns ``input_ids``/``attention_mask`` (N chunks, T), ``chunk_mask`` (B docs, C),
+    True where document b has chunk c (chunks are listed in that row-major order),
+    ``labels`` (B,) and ``index`` (B,), the documents' row numbers in their split.
+    """
+
+    max_len: int
+    strategy: LongDoc = "chunk"
+    max_chunks: int = 4
+    head_fraction: float = 0.25
+
+    def __call__(self, batch: list[Example]) -> dict[str, Tensor]:
+        per_doc = [
+            split_document(
+                ex.tokens, self.strategy, self.max_len - 2, self.max_chunks, self.head_fraction
+            )
+            for ex in batch
+        ]
+        ids, attention_mask = pad_sequences([wrap(c) for chunks in per_doc for c in chunks])
+        counts = torch.tensor([len(c) for c in per_doc])
+        chunk_mask = torch.arange(int(counts.max()))[None, :] < counts[:, None]
+        return {
+            "input_ids": ids,
+            "attention_mask": attention_mask,
+            "chunk_mask": chunk_mask,
+            "labels": torch.tensor([ex.label for ex in batch], dtype=torch.long),
+            "index": torch.tensor([ex.index for ex in batch], dtype=torch.long),
+        }
+
+
+class TokenizedDataModule(L.LightningDataModule):
+    """Train/validation loaders over ``data/tokenized`` with the given collators.
+
+    Splits are passed in already loaded (:func:`load_splits`), so the stage validates its
+    inputs once, before any process is launched. The train loader shuffles with a
+    generator seeded from ``seed``; under DDP Lightning swaps in a DistributedSampler
+    seeded from the global seed.
+    """
+
+    def __init__(
+        self,
+        splits: dict[str, DocumentTokens],
+        *,
+        train_collate: MLMCollator | ClassifyCollator,
+        eval_collate: MLMCollator | ClassifyCollator,
+        batch_size: int,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        seed: int = 0,
+        drop_last: bool = False,
+    ) -> None:
+        super().__init__()
+        self.splits = splits
+        self.train_collate = train_collate
+        self.eval_collate = eval_collate
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.seed = seed
+        self.drop_last = drop_last
+
+    def _loader(self, split: str, *, train: bool) -> DataLoader:
+        return DataLoader(
+            self.splits[split],
+            batch_size=self.batch_size if train else self.eval_batch_size,
+            shuffle=train,
+            drop_last=train and self.drop_last,
+            collate_fn=self.train_collate if train else self.eval_collate,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            generator=torch.Generator().manual_seed(self.seed) if train else None,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("validation", train=False)
+
+    def eval_loader(self, split: str) -> DataLoader:
+        """A plain in-order loader for predicting a split after training."""
+        return self._loader(split, train=False)

@@ -1,0 +1,283 @@
+"""Stage `finetune`: the 20-class classifier, from the pretrained encoder or from scratch.
+
+Reads ``data/tokenized`` (train to learn, validation to select, test only to predict),
+``data/tokenizer/tokenizer.json`` and, with ``finetune.init: pretrained``,
+``data/models/pretrained/``. Long documents are handled as ``finetune.long_doc`` says
+(see :mod:`pipeline.model`). Early stopping and the choice of the weights to keep
+look at the validation split only; after training, global rank 0 predicts validation
+and test once, in one process, with the selected weights.
+
+Outputs (atomic, rank 0): ``data/models/classifier/`` (``model.safetensors`` +
+``config.json``), ``data/predictions/transformer/predictions.parquet`` (the logits table,
+schema :class:`pipeline.schemas.Predictions`), ``reports/finetune.json`` (validation
+metrics of the kept weights) and ``reports/finetune/{train,validation}.csv`` (curves for
+DVC plots).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning.pytorch as L
+import numpy as np
+import pandas as pd
+import torch
+from pydantic import model_validator
+
+from pipeline.config import load_section, load_seed
+from pipeline.data import (
+    ClassifyCollator,
+    DocumentTokens,
+    LongDoc,
+    TokenizedDataModule,
+    load_splits,
+    load_vocab_size,
+)
+from pipeline.errors import PipelineError, run_stage
+from pipeline.io import atomic_outputs, write_json
+from pipeline.model import (
+    ChunkPooling,
+    Classifier,
+    ModelParams,
+    TokenPooling,
+    encoder_config,
+    format_parameter_counts,
+    load_model_files,
+    parameter_counts,
+    save_model,
+)
+from pipeline.predictions import make_table
+from pipeline.schemas import GROUPS, LOGIT_COLUMNS, PREDICTION_SPLITS, Predictions, validate
+from pipeline.tracking import StageRun
+from pipeline.training import (
+    BestWeights,
+    ClassifierModule,
+    LossCurve,
+    TrainerParams,
+    TrainParams,
+    build_trainer,
+    maybe_compile,
+    predict_logits,
+    say,
+    write_curve,
+)
+
+TOKENIZED = Path("data/tokenized")
+TOKENIZER = Path("data/tokenizer/tokenizer.json")
+PRETRAINED = Path("data/models/pretrained")
+OUT_MODEL = Path("data/models/classifier")
+OUT_PREDICTIONS = Path("data/predictions/transformer")
+PREDICTIONS_FILE = "predictions.parquet"
+REPORT = Path("reports/finetune.json")
+CURVES = Path("reports/finetune")
+N_CLASSES = len(GROUPS)
+
+
+class FinetuneParams(TrainParams):
+    """Section ``finetune``: TrainParams plus how the classifier is built and trained."""
+
+    init: Literal["pretrained", "scratch"] = "pretrained"
+    dropout: float = 0.1  # before the classification head
+    encoder_dropout: float | None = None  # None: model.dropout
+    pooling: TokenPooling = "mean"
+    long_doc: LongDoc = "chunk"
+    max_chunks: int = 4  # long_doc=chunk: chunks per document (the rest is cut)
+    chunk_pooling: ChunkPooling = "mean"
+    head_fraction: float = 0.25  # long_doc=head_tail: share of the budget from the start
+    freeze_epochs: int = 0  # epochs in which only the head learns
+    layer_lr_decay: float = 1.0  # < 1: lower layers get geometrically smaller LRs
+    label_smoothing: float = 0.0  # off by default: it distorts the logits calibrate reads
+    monitor: Literal["val_loss", "val_acc"] = "val_loss"
+
+    @model_validator(mode="after")
+    def _check(self) -> FinetuneParams:
+        if self.max_chunks < 1:
+            raise ValueError("max_chunks must be positive")
+        if not 0.0 < self.layer_lr_decay <= 1.0:
+            raise ValueError("layer_lr_decay must be in (0, 1]")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError("label_smoothing must be in [0, 1)")
+        if not 0.0 <= self.head_fraction <= 1.0:
+            raise ValueError("head_fraction must be in [0, 1]")
+        if self.freeze_epochs < 0:
+            raise ValueError("freeze_epochs must be >= 0")
+        return self
+
+
+def build_classifier(
+    model_params: ModelParams, params: FinetuneParams, vocab_size: int, pretrained: Path
+) -> Classifier:
+    """A classifier whose encoder is fresh or loaded from ``pretrained``, with checks
+    that the pretrained encoder has the shape the ``model`` section describes."""
+    if params.encoder_dropout is not None:
+        model_params = model_params.model_copy(update={"dropout": params.encoder_dropout})
+    model = Classifier(
+        model_params,
+        vocab_size,
+        N_CLASSES,
+        pooling=params.pooling,
+        chunk_pooling=params.chunk_pooling,
+        dropout=params.dropout,
+    )
+    if params.init == "scratch":
+        return model
+    config, state = load_model_files(pretrained)
+    theirs = {k: v for k, v in config.get("model", {}).items() if k != "dropout"}
+    ours = {k: v for k, v in model_params.model_dump().items() if k != "dropout"}
+    if theirs != ours or config.get("vocab_size") != vocab_size:
+        raise PipelineError(
+            f"{pretrained}: pretrained encoder {theirs} (vocab {config.get('vocab_size')}) "
+            f"does not match the model section {ours} (vocab {vocab_size}); rerun pretrain "
+            "or set finetune.init=scratch"
+        )
+    encoder_state = {k.removeprefix("encoder."): v for k, v in state.items() if k[:8] == "encoder."}
+    model.encoder.load_state_dict(encoder_state, strict=True)
+    return model
+
+
+def predictions_table(
+    splits: dict[str, DocumentTokens], logits: dict[str, tuple[np.ndarray, np.ndarray]]
+) -> pd.DataFrame:
+    """The validated logits table (:class:`pipeline.schemas.Predictions`), split by split."""
+    ids, split_names, labels, values = [], [], [], []
+    for split, (index, split_logits) in logits.items():
+        data = splits[split]
+        ids += [data.ids[i] for i in index]
+        split_names += [split] * len(index)
+        labels.append(data.labels[index])
+        values.append(split_logits)
+    table = make_table(ids, split_names, np.concatenate(labels), np.concatenate(values))
+    return validate(table, Predictions, "finetune predictions")
+
+
+def validation_metrics(table: pd.DataFrame) -> dict[str, float]:
+    """Accuracy and mean NLL of the validation rows (test rows are not scored here)."""
+    val = table[table["split"] == "validation"]
+    logits = torch.tensor(val[list(LOGIT_COLUMNS)].to_numpy())
+    labels = torch.tensor(val["label"].to_numpy())
+    loss = torch.nn.functional.cross_entropy(logits, labels).item()
+    accuracy = (logits.argmax(1) == labels).double().mean().item()
+    return {"val_accuracy": round(accuracy, 6), "val_loss": round(loss, 6)}
+
+
+def run(
+    model_params: ModelParams,
+    params: FinetuneParams,
+    trainer_params: TrainerParams,
+    seed: int,
+    *,
+    tokenized: Path = TOKENIZED,
+    tokenizer: Path = TOKENIZER,
+    pretrained: Path = PRETRAINED,
+    out_model: Path = OUT_MODEL,
+    out_predictions: Path = OUT_PREDICTIONS,
+    report: Path = REPORT,
+    curves: Path = CURVES,
+    **trainer_overrides: Any,
+) -> dict[str, Any] | None:
+    """Fine-tune, predict and write the outputs; returns the report on rank 0."""
+    if params.freeze_epochs and trainer_params.strategy in ("ddp", "ddp_spawn"):
+        raise PipelineError(
+            "finetune.freeze_epochs > 0 leaves encoder parameters unused, which plain DDP "
+            "rejects: use trainer.strategy=ddp_find_unused_parameters_true"
+        )
+    L.seed_everything(seed, workers=True, verbose=False)
+    vocab_size = load_vocab_size(tokenizer)
+    splits = load_splits(tokenized, vocab_size, N_CLASSES)
+    model = build_classifier(model_params, params, vocab_size, pretrained)
+    counts = parameter_counts(model)
+    say(f"finetune: classifier ({params.init} encoder) with {format_parameter_counts(counts)}")
+
+    collate = ClassifyCollator(
+        model_params.max_len, params.long_doc, params.max_chunks, params.head_fraction
+    )
+    data = TokenizedDataModule(
+        splits,
+        train_collate=collate,
+        eval_collate=collate,
+        batch_size=params.batch_size,
+        eval_batch_size=params.eval_batch_size,
+        num_workers=trainer_params.num_workers,
+        seed=seed,
+    )
+    module = ClassifierModule(
+        model,
+        params,
+        n_classes=N_CLASSES,
+        label_smoothing=params.label_smoothing,
+        freeze_epochs=params.freeze_epochs,
+        layer_lr_decay=params.layer_lr_decay,
+    )
+    best = BestWeights(params.monitor, "min" if params.monitor == "val_loss" else "max")
+    curve = LossCurve(every=trainer_params.log_every_n_steps, val_keys=("val_loss", "val_acc"))
+    trainer = build_trainer(trainer_params, params, [best, curve], **trainer_overrides)
+    start = time.perf_counter()
+    trainer.fit(maybe_compile(module, trainer_params), datamodule=data)
+    seconds = time.perf_counter() - start
+    if not trainer.is_global_zero:
+        return None
+
+    if best.state is not None:  # otherwise no validation ran: keep the final weights
+        model.load_state_dict(best.state)
+    device = trainer.strategy.root_device
+    logits = {
+        split: predict_logits(model, data.eval_loader(split), device, trainer_params.precision)
+        for split in PREDICTION_SPLITS
+    }
+    table = predictions_table(splits, logits)
+    result = {
+        **validation_metrics(table),
+        "best_step": best.best_step if best.best_step is not None else trainer.global_step,
+        f"best_{params.monitor}": None if best.best is None else round(best.best, 6),
+        "steps": trainer.global_step,
+        "epochs": trainer.current_epoch,
+        "init": params.init,
+        "long_doc": params.long_doc,
+        "train_minutes": round(seconds / 60, 3),
+        "train_tokens_per_second": round(module.train_tokens * trainer.world_size / seconds, 1),
+        "world_size": trainer.world_size,
+        "parameters": counts,
+    }
+    with atomic_outputs() as out:
+        config = encoder_config(
+            model_params,
+            vocab_size,
+            architecture="Classifier",
+            n_classes=N_CLASSES,
+            pooling=params.pooling,
+            chunk_pooling=params.chunk_pooling,
+            long_doc=params.long_doc,
+            max_chunks=params.max_chunks,
+            head_fraction=params.head_fraction,
+        )
+        save_model(model, out.dir(out_model), config)
+        table.to_parquet(out.dir(out_predictions) / PREDICTIONS_FILE, index=False)
+        curve_dir = out.dir(curves)
+        write_curve(curve_dir / "train.csv", curve.train)
+        write_curve(curve_dir / "validation.csv", curve.val)
+        write_json(out.file(report), result)
+    say(
+        f"finetune: validation accuracy {result['val_accuracy']:.4f}, loss "
+        f"{result['val_loss']:.4f} (weights of step {result['best_step']}); weights in "
+        f"{out_model}/, logits in {out_predictions / PREDICTIONS_FILE}, metrics in {report}, "
+        f"curves in {curves}/"
+    )
+    return result
+
+
+def main() -> None:
+    sections = ["seed", "model", "finetune", "trainer"]
+    model_params = load_section("model", ModelParams)
+    params = load_section("finetune", FinetuneParams)
+    trainer_params = load_section("trainer", TrainerParams)
+    seed = load_seed()
+    tracking = StageRun("finetune")  # fails now, not after training, if unreachable
+    result = run(model_params, params, trainer_params, seed)
+    if result is not None:  # rank 0 only
+        tracking.log(sections, result, [REPORT], curves=CURVES)
+
+
+if __name__ == "__main__":
+    run_stage(main)

@@ -1,0 +1,319 @@
+"""A compact transformer encoder on plain torch modules, its MLM head and the classifier.
+
+Plain modules rather than a model library keep every shape and default visible and let
+the same weights move between pretraining (:class:`MaskedLM`) and fine-tuning
+(:class:`Classifier`) through one ``state_dict`` prefix (``encoder.``).
+
+How the classifier sees a long document (``finetune.long_doc``, implemented by the
+collator in :mod:`pipeline.data`; the model only pools):
+
+- ``chunk``: the document is cut into consecutive chunks of ``max_len - 2`` tokens, each
+  wrapped in ``[CLS] ... [SEP]`` and encoded independently (at most ``max_chunks`` per
+  document); each chunk is pooled (mean over its tokens or its ``[CLS]``), then the chunk
+  vectors are mean- or max-pooled into one document vector. Sees the most text at a cost
+  linear in document length.
+- ``head_tail``: one sequence of the first and last tokens (the head keeps the
+  newsgroup headers and opening, the tail the signature and conclusion).
+- ``head``: plain truncation to the first ``max_len - 2`` tokens.
+
+Encoder tensors: ``input_ids`` (N, T) int64, ``attention_mask`` (N, T) bool, True on real
+tokens. Padding is on the right; padded positions never influence real ones.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import model_validator
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from pipeline.config import Section
+from pipeline.errors import PipelineError
+from pipeline.io import write_json
+
+Positions = Literal["learned", "rotary"]
+TokenPooling = Literal["mean", "cls"]
+ChunkPooling = Literal["mean", "max"]
+
+
+class ModelParams(Section):
+    """The ``model`` params section: the encoder's shape (the vocabulary comes from the
+    tokenizer)."""
+
+    d_model: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    d_ff: int = 1024
+    dropout: float = 0.1
+    max_len: int = 256
+    positions: Positions = "learned"
+
+    @model_validator(mode="after")
+    def _check_shape(self) -> ModelParams:
+        for name in ("d_model", "n_layers", "n_heads", "d_ff"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive")
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
+        if self.positions == "rotary" and (self.d_model // self.n_heads) % 2:
+            raise ValueError("rotary positions need an even head size (d_model / n_heads)")
+        if self.max_len < 4:
+            raise ValueError("max_len must be at least 4 ([CLS], [SEP] and some text)")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError("dropout must be in [0, 1)")
+        return self
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding (half-split form) applied to queries and keys."""
+
+    def __init__(self, head_dim: int, max_len: int, base: float = 10000.0) -> None:
+        super().__init__()
+        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
+        self.register_buffer("cos", angles.cos(), persistent=False)
+        self.register_buffer("sin", angles.sin(), persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Rotate ``x`` of shape (N, H, T, head_dim) by its positions 0..T-1."""
+        t = x.shape[-2]
+        cos, sin = self.cos[:t].to(x.dtype), self.sin[:t].to(x.dtype)
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, p: ModelParams, rotary: Rotary | None) -> None:
+        super().__init__()
+        self.n_heads = p.n_heads
+        self.dropout = p.dropout
+        self.rotary = rotary
+        self.norm1 = nn.LayerNorm(p.d_model)
+        self.qkv = nn.Linear(p.d_model, 3 * p.d_model)
+        self.proj = nn.Linear(p.d_model, p.d_model)
+        self.norm2 = nn.LayerNorm(p.d_model)
+        self.ff_in = nn.Linear(p.d_model, p.d_ff)
+        self.ff_out = nn.Linear(p.d_ff, p.d_model)
+        self.drop = nn.Dropout(p.dropout)
+
+    def forward(self, x: Tensor, attn_mask: Tensor | None) -> Tensor:
+        n, t, d = x.shape
+        q, k, v = self.qkv(self.norm1(x)).view(n, t, 3, self.n_heads, -1).permute(2, 0, 3, 1, 4)
+        if self.rotary is not None:
+            q, k = self.rotary(q), self.rotary(k)
+        att = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0
+        )
+        x = x + self.drop(self.proj(att.transpose(1, 2).reshape(n, t, d)))
+        return x + self.drop(self.ff_out(F.gelu(self.ff_in(self.norm2(x)))))
+
+
+class Encoder(nn.Module):
+    """Token embedding (+ learned positions), pre-norm blocks and a final norm."""
+
+    def __init__(self, p: ModelParams, vocab_size: int) -> None:
+        super().__init__()
+        self.params = p
+        self.vocab_size = vocab_size
+        self.tok_emb = nn.Embedding(vocab_size, p.d_model)
+        self.pos_emb = nn.Embedding(p.max_len, p.d_model) if p.positions == "learned" else None
+        rotary = Rotary(p.d_model // p.n_heads, p.max_len) if p.positions == "rotary" else None
+        self.emb_drop = nn.Dropout(p.dropout)
+        self.blocks = nn.ModuleList(Block(p, rotary) for _ in range(p.n_layers))
+        self.norm = nn.LayerNorm(p.d_model)
+        self.apply(_init_weights)
+        # GPT-2 style: scale residual output projections by depth so activations stay O(1).
+        for block in self.blocks:
+            for lin in (block.proj, block.ff_out):
+                nn.init.normal_(lin.weight, std=0.02 / math.sqrt(2 * p.n_layers))
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """Hidden states (N, T, d_model) for ``input_ids`` (N, T) with a bool padding mask."""
+        t = input_ids.shape[1]
+        if t > self.params.max_len:
+            raise ValueError(f"sequence length {t} exceeds max_len={self.params.max_len}")
+        x = self.tok_emb(input_ids)
+        if self.pos_emb is not None:
+            x = x + self.pos_emb.weight[:t]
+        x = self.emb_drop(x)
+        # Keys that are padding are hidden from every query; None lets SDPA take its
+        # fastest path when nothing is padded.
+        attn_mask = None if bool(attention_mask.all()) else attention_mask[:, None, None, :]
+        for block in self.blocks:
+            x = block(x, attn_mask)
+        return self.norm(x)
+
+
+def _init_weights(module: nn.Module) -> None:
+    if isinstance(module, nn.Linear):
+        nn.init.normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Embedding):
+        nn.init.normal_(module.weight, std=0.02)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+class MLMHead(nn.Module):
+    """Dense + GELU + norm, then the vocabulary projection through the tied embedding."""
+
+    def __init__(self, d_model: int, vocab_size: int) -> None:
+        super().__init__()
+        self.dense = nn.Linear(d_model, d_model)
+        self.norm = nn.LayerNorm(d_model)
+        self.bias = nn.Parameter(torch.zeros(vocab_size))
+        _init_weights(self.dense)
+
+    def forward(self, hidden: Tensor, embedding: Tensor) -> Tensor:
+        return F.linear(self.norm(F.gelu(self.dense(hidden))), embedding, self.bias)
+
+
+class MaskedLM(nn.Module):
+    """Encoder + MLM head whose output projection is the (tied) token embedding."""
+
+    def __init__(self, p: ModelParams, vocab_size: int) -> None:
+        super().__init__()
+        self.encoder = Encoder(p, vocab_size)
+        self.head = MLMHead(p.d_model, vocab_size)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor) -> Tensor:
+        """Mean cross-entropy over the positions whose label is not -100.
+
+        The vocabulary projection runs only on those positions (about 15% of tokens):
+        with a 16k vocabulary it would otherwise dominate the step time.
+        """
+        hidden = self.encoder(input_ids, attention_mask)
+        selected = labels != -100
+        logits = self.head(hidden[selected], self.encoder.tok_emb.weight)
+        if logits.shape[0] == 0:  # nothing masked: a zero loss that keeps the graph (DDP)
+            return logits.sum() * 0.0
+        return F.cross_entropy(logits.float(), labels[selected])
+
+
+def pool_tokens(hidden: Tensor, attention_mask: Tensor, mode: TokenPooling) -> Tensor:
+    """One vector per sequence: the mean over real tokens, or the first ([CLS]) token."""
+    if mode == "cls":
+        return hidden[:, 0]
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+
+
+def pool_chunks(chunks: Tensor, chunk_mask: Tensor, mode: ChunkPooling) -> Tensor:
+    """One vector per document from its chunk vectors.
+
+    ``chunks`` (N, d) holds the real chunks in row-major order of ``chunk_mask`` (B, C),
+    which is True where document b has a chunk c. Scattering into a padded (B, C, d) grid
+    by a boolean mask is deterministic on every device, unlike index_add/scatter_reduce.
+    """
+    b, c = chunk_mask.shape
+    grid = chunks.new_zeros(b * c, chunks.shape[-1])
+    grid[chunk_mask.reshape(-1)] = chunks
+    grid = grid.view(b, c, -1)
+    mask = chunk_mask.unsqueeze(-1)
+    if mode == "max":
+        return grid.masked_fill(~mask, torch.finfo(grid.dtype).min).amax(1)
+    m = mask.to(grid.dtype)
+    return (grid * m).sum(1) / m.sum(1).clamp(min=1.0)
+
+
+class Classifier(nn.Module):
+    """Encoder, token pooling, chunk pooling, dropout and a linear head."""
+
+    def __init__(
+        self,
+        p: ModelParams,
+        vocab_size: int,
+        n_classes: int,
+        *,
+        pooling: TokenPooling = "mean",
+        chunk_pooling: ChunkPooling = "mean",
+        dropout: float = 0.1,
+    ) -> None:
+        super().__init__()
+        self.encoder = Encoder(p, vocab_size)
+        self.pooling: TokenPooling = pooling
+        self.chunk_pooling: ChunkPooling = chunk_pooling
+        self.drop = nn.Dropout(dropout)
+        self.head = nn.Linear(p.d_model, n_classes)
+        _init_weights(self.head)
+
+    def embed(self, input_ids: Tensor, attention_mask: Tensor, chunk_mask: Tensor) -> Tensor:
+        """Document vectors (B, d_model) from the chunks of a batch."""
+        hidden = self.encoder(input_ids, attention_mask)
+        return pool_chunks(
+            pool_tokens(hidden, attention_mask, self.pooling), chunk_mask, self.chunk_pooling
+        )
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, chunk_mask: Tensor) -> Tensor:
+        """Class logits (B, n_classes)."""
+        return self.head(self.drop(self.embed(input_ids, attention_mask, chunk_mask)))
+
+
+def parameter_counts(module: nn.Module) -> dict[str, int]:
+    """Parameter counts (tied weights counted once): total, trainable and per top-level
+    part, with the token embedding reported separately because it dominates small models."""
+    counts: dict[str, int] = {
+        "total": sum(p.numel() for p in module.parameters()),
+        "trainable": sum(p.numel() for p in module.parameters() if p.requires_grad),
+    }
+    seen: set[int] = set()
+    for name, param in module.named_parameters():  # named_parameters skips tied duplicates
+        if id(param) in seen:
+            continue
+        seen.add(id(param))
+        part = name.split(".")[0]
+        if part == "encoder":
+            sub = name.split(".")[1]
+            part = f"encoder.{'blocks' if sub == 'blocks' else sub}"
+        counts[part] = counts.get(part, 0) + param.numel()
+    return counts
+
+
+def format_parameter_counts(counts: dict[str, int]) -> str:
+    """One line such as ``7.31M parameters (trainable 7.31M; encoder.tok_emb 4.10M, ...)``."""
+
+    def m(n: int) -> str:
+        return f"{n / 1e6:.2f}M"
+
+    parts = ", ".join(f"{k} {m(v)}" for k, v in counts.items() if k not in ("total", "trainable"))
+    return f"{m(counts['total'])} parameters (trainable {m(counts['trainable'])}; {parts})"
+
+
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+
+
+def save_model(model: nn.Module, directory: str | Path, config: dict[str, Any]) -> None:
+    """Write ``model.safetensors`` (the full state dict) and ``config.json`` into a
+    directory (normally a temporary one from :func:`pipeline.io.atomic_outputs`)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
+    write_json(directory / CONFIG_FILE, config)
+
+
+def load_model_files(directory: str | Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """(config, state dict) of a directory written by :func:`save_model`."""
+    directory = Path(directory)
+    try:
+        config = json.loads((directory / CONFIG_FILE).read_text(encoding="utf-8"))
+        state = load_file(str(directory / WEIGHTS_FILE))
+    except FileNotFoundError as exc:
+        raise PipelineError(f"{directory}: {Path(exc.filename).name} not found") from None
+    return config, state
+
+
+def encoder_config(p: ModelParams, vocab_size: int, **extra: Any) -> dict[str, Any]:
+    """The ``config.json`` content describing an encoder (plus head-specific keys)."""
+    return {"model": p.model_dump(), "vocab_size": vocab_size, **extra}

@@ -1,0 +1,135 @@
+"""Score a file of texts in batch with the served (pyfunc) model.
+
+    python -m pipeline.predict --input texts.csv --output preds.csv
+    python -m pipeline.predict --model models:/newsgroups-classifier/3 --input posts.jsonl \
+        --output preds.jsonl
+
+``--model`` is any MLflow model URI (``models:/NAME/VERSION``, ``runs:/...``) or a local
+model folder; without it, the ``model_uri`` of ``reports/register.json``. ``models:/``
+URIs are looked up in ``MLFLOW_TRACKING_URI``, else ``--tracking-uri``, else the project's
+store (the same resolution as the stages). Input: ``.csv`` / ``.jsonl`` with a ``text``
+column (``--column``), or ``.txt`` with one text per line. Output (``.csv`` or ``.jsonl``):
+the input's other columns, then ``predicted_label``, ``predicted_id``, ``confidence`` and
+``prob_<group>``. The input is checked before the model is loaded, so a bad file fails
+in a second with one ``error:`` line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import pandas as pd
+
+from pipeline.errors import PipelineError, run_stage
+from pipeline.io import atomic_outputs
+from pipeline.serving import TEXT_COLUMN, validate_texts
+
+REGISTER_REPORT = Path("reports/register.json")
+INPUT_SUFFIXES = (".csv", ".jsonl", ".txt")
+OUTPUT_SUFFIXES = (".csv", ".jsonl")
+
+
+def read_texts(path: Path, column: str = TEXT_COLUMN) -> pd.DataFrame:
+    """The input table, checked with :func:`pipeline.serving.validate_texts`."""
+    if path.suffix not in INPUT_SUFFIXES:
+        raise PipelineError(f"{path}: unsupported input type (use {', '.join(INPUT_SUFFIXES)})")
+    if not path.is_file():
+        raise PipelineError(f"{path}: file not found")
+    try:
+        if path.suffix == ".txt":
+            frame = pd.DataFrame({column: path.read_text(encoding="utf-8").splitlines()})
+        elif path.suffix == ".csv":
+            frame = pd.read_csv(path, dtype=object, keep_default_na=False, na_values=[])
+        else:
+            frame = pd.read_json(path, lines=True, dtype=False)
+    except (ValueError, UnicodeDecodeError, pd.errors.ParserError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise PipelineError(f"{path}: cannot read ({first})") from None
+    try:
+        validate_texts(frame, column)
+    except ValueError as exc:
+        raise PipelineError(f"{path}: {exc}") from None
+    if column != TEXT_COLUMN:
+        frame = frame.rename(columns={column: TEXT_COLUMN})
+    return frame.reset_index(drop=True)
+
+
+def default_model() -> str:
+    """The model the last ``register`` run registered."""
+    try:
+        report = json.loads(REGISTER_REPORT.read_text(encoding="utf-8"))
+    except (FileNotFoundError, json.JSONDecodeError):
+        raise PipelineError(
+            f"no --model given and no usable {REGISTER_REPORT} (run the register stage)"
+        ) from None
+    if not report.get("model_uri"):
+        raise PipelineError(f"{REGISTER_REPORT}: no model was registered (tracking disabled?)")
+    return report["model_uri"]
+
+
+def load_model(uri: str, tracking_uri: str | None):  # -> mlflow.pyfunc.PyFuncModel
+    """Load a pyfunc model; a missing or unreadable model is one clear line."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from pipeline.tracking import TrackingParams, resolve_uri
+
+    if Path(uri).exists():
+        uri = str(Path(uri).resolve())
+    else:
+        mlflow.set_tracking_uri(
+            resolve_uri(TrackingParams(uri=tracking_uri), os.environ, Path.cwd())
+        )
+    try:
+        return mlflow.pyfunc.load_model(uri)
+    except (MlflowException, OSError) as exc:
+        message = getattr(exc, "message", None) or str(exc)
+        first = message.strip().splitlines()[0] if message.strip() else type(exc).__name__
+        raise PipelineError(f"cannot load model {uri}: {first[:300]}") from None
+
+
+def score(model, frame: pd.DataFrame) -> pd.DataFrame:  # model: PyFuncModel
+    """Predictions next to the input's other columns (the text itself is left out)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        preds = model.predict(frame[[TEXT_COLUMN]])
+    except MlflowException as exc:
+        raise PipelineError(exc.message.strip().splitlines()[-1]) from None
+    rest = frame.drop(columns=[TEXT_COLUMN])
+    return pd.concat([rest, preds.reset_index(drop=True)], axis=1)
+
+
+def write_predictions(frame: pd.DataFrame, path: Path) -> None:
+    with atomic_outputs() as out:
+        tmp = out.file(path)
+        if path.suffix == ".csv":
+            frame.to_csv(tmp, index=False)
+        else:
+            frame.to_json(tmp, orient="records", lines=True, force_ascii=False)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", help="MLflow model URI or folder (default: register.json)")
+    parser.add_argument("--input", type=Path, required=True, help=".csv, .jsonl or .txt")
+    parser.add_argument("--output", type=Path, required=True, help=".csv or .jsonl")
+    parser.add_argument("--column", default=TEXT_COLUMN, help="text column of .csv/.jsonl")
+    parser.add_argument("--tracking-uri", help="store of models:/ URIs (default: the project's)")
+    args = parser.parse_args(argv)
+    if args.output.suffix not in OUTPUT_SUFFIXES:
+        raise PipelineError(f"{args.output}: unsupported output type (use .csv or .jsonl)")
+    frame = read_texts(args.input, args.column)
+    model_uri = args.model or default_model()
+    predictions = score(load_model(model_uri, args.tracking_uri), frame)
+    write_predictions(predictions, args.output)
+    counts = predictions["predicted_label"].value_counts().head(3).to_dict()
+    print(f"predict: {len(predictions)} texts scored with {model_uri} -> {args.output} {counts}")
+
+
+if __name__ == "__main__":
+    run_stage(main)

@@ -1,0 +1,134 @@
+"""The prediction-table contract between model stages and `calibrate` / `evaluate`.
+
+A model stage writes ``data/predictions/<model>/predictions.parquet`` (schema
+:class:`pipeline.schemas.Predictions`): ``id``, ``split`` (validation or test), ``label``
+and ``logit_0`` .. ``logit_19``, one row for every validation and every test document of
+``data/raw/documents.parquet``. Readers check the table against that documents table
+(same ids per split, same labels), so predictions made on stale or different data fail
+loudly instead of being scored.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from pipeline.errors import PipelineError
+from pipeline.schemas import (
+    LOGIT_COLUMNS,
+    PREDICTION_SPLITS,
+    PROB_COLUMNS,
+    Predictions,
+    Probabilities,
+    validate,
+)
+
+PRED_DIR = Path("data/predictions")
+PRED_FILE = "predictions.parquet"
+DOCUMENTS = Path("data/raw/documents.parquet")
+MODEL_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+def predictions_path(model: str) -> Path:
+    return PRED_DIR / model / PRED_FILE
+
+
+def make_table(ids, splits, labels, logits: np.ndarray) -> pd.DataFrame:
+    """Assemble a predictions table in the contract's column order and dtypes."""
+    logits = np.asarray(logits, dtype=np.float64)
+    if logits.ndim != 2 or logits.shape[1] != len(LOGIT_COLUMNS):
+        raise PipelineError(
+            f"expected logits of shape (n, {len(LOGIT_COLUMNS)}), got {logits.shape}"
+        )
+    head = pd.DataFrame(
+        {
+            "id": pd.Series(list(ids), dtype="str"),
+            "split": pd.Series(list(splits), dtype="str"),
+            "label": pd.Series(np.asarray(labels), dtype="int64"),
+        }
+    )
+    return pd.concat([head, pd.DataFrame(logits, columns=list(LOGIT_COLUMNS))], axis=1)
+
+
+def read_documents(path: Path = DOCUMENTS) -> pd.DataFrame:
+    """The id, split and label columns of the documents table (no text)."""
+    if not path.is_file():
+        raise PipelineError(f"{path}: not found (run `dvc repro fetch` first)")
+    return pd.read_parquet(path, columns=["id", "split", "label"])
+
+
+def check_against_documents(pred: pd.DataFrame, docs: pd.DataFrame, where: str) -> None:
+    """Every validation and test document predicted exactly once, with its true label."""
+    for split in PREDICTION_SPLITS:
+        want = docs.loc[docs["split"] == split, ["id", "label"]]
+        got = pred.loc[pred["split"] == split, ["id", "label"]]
+        missing = sorted(set(want["id"]) - set(got["id"]))
+        extra = sorted(set(got["id"]) - set(want["id"]))
+        if missing or extra:
+            detail = []
+            if missing:
+                detail.append(f"{len(missing)} {split} document(s) missing, e.g. {missing[0]!r}")
+            if extra:
+                detail.append(f"{len(extra)} unknown {split} id(s), e.g. {extra[0]!r}")
+            raise PipelineError(
+                f"{where}: ids do not match {DOCUMENTS}: {'; '.join(detail)} "
+                "(predictions made on other data? rerun the model stage)"
+            )
+        merged = got.merge(want, on="id", suffixes=("", "_true"))
+        wrong = merged[merged["label"] != merged["label_true"]]
+        if len(wrong):
+            first = wrong.iloc[0]
+            raise PipelineError(
+                f"{where}: {len(wrong)} {split} label(s) differ from {DOCUMENTS}, e.g. "
+                f"{first['id']!r} has {first['label']} instead of {first['label_true']}"
+            )
+
+
+def load_predictions(model: str, docs: pd.DataFrame) -> pd.DataFrame:
+    """Read, validate and cross-check one model's predictions, sorted by split and id."""
+    if not MODEL_NAME.match(model):
+        raise PipelineError(f"model name {model!r}: use letters, digits, '_', '-', '.' only")
+    path = predictions_path(model)
+    if not path.is_file():
+        raise PipelineError(
+            f"{path}: not found (run the stage that predicts with model '{model}' first, "
+            f"e.g. `dvc repro {model}`)"
+        )
+    try:
+        df = pd.read_parquet(path)
+    except Exception as exc:  # pyarrow raises several types for corrupt files
+        raise PipelineError(f"{path}: not a readable parquet file ({exc})") from None
+    df = validate(df, Predictions, str(path))
+    check_against_documents(df, docs, str(path))
+    return df.sort_values(["split", "id"], kind="stable").reset_index(drop=True)
+
+
+def split_arrays(df: pd.DataFrame, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(ids, logits (n, k) float64, labels (n,) int64)`` of one split."""
+    part = df[df["split"] == split]
+    # Copies: pandas may hand out read-only views, which torch.from_numpy warns about.
+    return (
+        part["id"].to_numpy(dtype=object, copy=True),
+        part[list(LOGIT_COLUMNS)].to_numpy(dtype=np.float64, copy=True),
+        part["label"].to_numpy(dtype=np.int64, copy=True),
+    )
+
+
+def validate_probabilities(ids, labels, probs: np.ndarray, where: str) -> None:
+    """pandera check of a probability table: values in [0, 1], rows summing to 1."""
+    table = pd.concat(
+        [
+            pd.DataFrame(
+                {
+                    "id": pd.Series(list(ids), dtype="str"),
+                    "label": pd.Series(labels, dtype="int64"),
+                }
+            ),
+            pd.DataFrame(np.asarray(probs, dtype=np.float64), columns=list(PROB_COLUMNS)),
+        ],
+        axis=1,
+    )
+    validate(table, Probabilities, where)

@@ -1,0 +1,150 @@
+"""Stage `pretrain`: masked-language-model pretraining of the encoder on the train split.
+
+Reads ``data/tokenized`` (train to learn, validation for a held-out loss; test is never
+read) and ``data/tokenizer/tokenizer.json`` (vocabulary size). Each training document
+contributes a random window of ``model.max_len - 2`` tokens per epoch with fresh dynamic
+masks; validation uses fixed windows and masks so its loss is comparable across steps.
+
+Outputs (all written atomically after training, by global rank 0 only):
+``data/models/pretrained/`` (``model.safetensors`` with the encoder and MLM head,
+``config.json``), ``reports/pretrain.json`` (final validation loss and perplexity, steps,
+throughput) and ``reports/pretrain/{train,validation}.csv`` (loss curves for DVC plots).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as L
+from pydantic import model_validator
+
+from pipeline.config import load_section, load_seed
+from pipeline.data import MLMCollator, TokenizedDataModule, load_splits, load_vocab_size
+from pipeline.errors import run_stage
+from pipeline.io import atomic_outputs, write_json
+from pipeline.model import (
+    MaskedLM,
+    ModelParams,
+    encoder_config,
+    format_parameter_counts,
+    parameter_counts,
+    save_model,
+)
+from pipeline.schemas import GROUPS
+from pipeline.tracking import StageRun
+from pipeline.training import (
+    LossCurve,
+    MLMModule,
+    TrainerParams,
+    TrainParams,
+    build_trainer,
+    maybe_compile,
+    say,
+    write_curve,
+)
+
+TOKENIZED = Path("data/tokenized")
+TOKENIZER = Path("data/tokenizer/tokenizer.json")
+OUT_MODEL = Path("data/models/pretrained")
+REPORT = Path("reports/pretrain.json")
+CURVES = Path("reports/pretrain")
+
+
+class PretrainParams(TrainParams):
+    """Section ``pretrain``: the optimizer/budget fields of TrainParams plus masking."""
+
+    mask_rate: float = 0.15
+
+    @model_validator(mode="after")
+    def _check_mask_rate(self) -> PretrainParams:
+        if not 0.0 < self.mask_rate < 1.0:
+            raise ValueError("mask_rate must be in (0, 1)")
+        return self
+
+
+def run(
+    model_params: ModelParams,
+    params: PretrainParams,
+    trainer_params: TrainerParams,
+    seed: int,
+    *,
+    tokenized: Path = TOKENIZED,
+    tokenizer: Path = TOKENIZER,
+    out_model: Path = OUT_MODEL,
+    report: Path = REPORT,
+    curves: Path = CURVES,
+    **trainer_overrides: Any,
+) -> dict[str, Any] | None:
+    """Pretrain and write the outputs; returns the report on rank 0 (None elsewhere)."""
+    L.seed_everything(seed, workers=True, verbose=False)
+    vocab_size = load_vocab_size(tokenizer)
+    splits = load_splits(tokenized, vocab_size, len(GROUPS), ("train", "validation"))
+    model = MaskedLM(model_params, vocab_size)
+    counts = parameter_counts(model)
+    say(f"pretrain: masked LM with {format_parameter_counts(counts)}")
+
+    collate = MLMCollator(model_params.max_len, vocab_size, params.mask_rate)
+    data = TokenizedDataModule(
+        splits,
+        train_collate=collate,
+        eval_collate=MLMCollator(model_params.max_len, vocab_size, params.mask_rate, seed=seed),
+        batch_size=params.batch_size,
+        eval_batch_size=params.eval_batch_size,
+        num_workers=trainer_params.num_workers,
+        seed=seed,
+    )
+    module = MLMModule(model, params)
+    curve = LossCurve(every=trainer_params.log_every_n_steps)
+    trainer = build_trainer(trainer_params, params, [curve], **trainer_overrides)
+    start = time.perf_counter()
+    trainer.fit(maybe_compile(module, trainer_params), datamodule=data)
+    seconds = time.perf_counter() - start
+    # A final held-out pass on the final weights (the last scheduled validation may be
+    # steps behind them); every rank takes part, rank 0 writes.
+    final = trainer.validate(module, datamodule=data, verbose=False)[0]
+    if not trainer.is_global_zero:
+        return None
+
+    val_loss = float(final["val_loss"])
+    result = {
+        "val_loss": round(val_loss, 6),
+        "val_perplexity": round(math.exp(min(val_loss, 700.0)), 4),
+        "steps": trainer.global_step,
+        "epochs": trainer.current_epoch,
+        "train_minutes": round(seconds / 60, 3),
+        "train_tokens_per_second": round(module.train_tokens * trainer.world_size / seconds, 1),
+        "world_size": trainer.world_size,
+        "parameters": counts,
+    }
+    with atomic_outputs() as out:
+        config = encoder_config(model_params, vocab_size, architecture="MaskedLM", objective="mlm")
+        save_model(model, out.dir(out_model), config)
+        curve_dir = out.dir(curves)
+        write_curve(curve_dir / "train.csv", curve.train)
+        write_curve(curve_dir / "validation.csv", curve.val)
+        write_json(out.file(report), result)
+    say(
+        f"pretrain: val loss {val_loss:.4f} (perplexity {result['val_perplexity']}) after "
+        f"{result['steps']} steps; weights in {out_model}/, metrics in {report}, "
+        f"curves in {curves}/"
+    )
+    return result
+
+
+def main() -> None:
+    sections = ["seed", "model", "pretrain", "trainer"]
+    model_params = load_section("model", ModelParams)
+    params = load_section("pretrain", PretrainParams)
+    trainer_params = load_section("trainer", TrainerParams)
+    seed = load_seed()
+    tracking = StageRun("pretrain")  # fails now, not after training, if unreachable
+    result = run(model_params, params, trainer_params, seed)
+    if result is not None:  # rank 0 only
+        tracking.log(sections, result, [REPORT], curves=CURVES)
+
+
+if __name__ == "__main__":
+    run_stage(main)

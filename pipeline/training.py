@@ -1,0 +1,427 @@
+"""Lightning pieces shared by ``pretrain`` and ``finetune``.
+
+- :class:`TrainerParams` (the ``trainer`` section: device, strategy, precision) and
+  :class:`TrainParams` (optimizer, schedule and budget, the common part of the
+  ``pretrain`` and ``finetune`` sections).
+- :class:`MLMModule` and :class:`ClassifierModule`, thin LightningModules around the plain
+  torch models of :mod:`pipeline.model`.
+- AdamW with decoupled weight decay on matrices only, optional layer-wise LR decay, and a
+  step-based warmup + cosine/linear schedule. The schedule's horizon is the step budget
+  (``max_steps``/``max_epochs``), never the wall clock, so a run's LR curve and results do
+  not depend on machine speed; ``max_minutes`` is a safety cap on top.
+- A non-finite loss stops training with :class:`NonFiniteLossError` on every rank.
+- Callbacks that keep the best weights in memory (checkpoint selection on validation
+  without files to clean up or share between ranks) and record loss curves for DVC plots.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning.pytorch as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchmetrics
+from lightning.pytorch.callbacks import Callback, EarlyStopping
+from lightning.pytorch.utilities import rank_zero_only
+from pydantic import model_validator
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from pipeline.config import Section
+from pipeline.errors import PipelineError
+from pipeline.model import Classifier, MaskedLM
+
+Precision = Literal["32-true", "bf16-mixed", "16-mixed", "bf16-true", "64-true"]
+Schedule = Literal["cosine", "linear", "constant"]
+
+
+class TrainerParams(Section):
+    """The ``trainer`` section: where and how Lightning runs (not what it trains)."""
+
+    accelerator: Literal["cpu", "gpu", "cuda", "mps", "auto"] = "cpu"
+    devices: int | Literal["auto"] = 1
+    strategy: str = "auto"  # auto, ddp, ddp_spawn, ddp_find_unused_parameters_true, ...
+    num_nodes: int = 1
+    precision: Precision = "32-true"
+    deterministic: bool | Literal["warn"] = True
+    compile: bool = False  # torch.compile the LightningModule (GPU; needs a compiler)
+    num_workers: int = 0  # DataLoader workers per process
+    threads: int | None = None  # torch intra-op threads per process (None: torch's default)
+    log_every_n_steps: int = 10
+    progress_bar: bool = True
+
+
+class TrainParams(Section):
+    """Optimizer, schedule and budget; ``pretrain`` and ``finetune`` extend this."""
+
+    batch_size: int = 32
+    eval_batch_size: int | None = None
+    lr: float = 5e-4
+    weight_decay: float = 0.01
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.98
+    schedule: Schedule = "cosine"
+    warmup_fraction: float = 0.06
+    min_lr_ratio: float = 0.0
+    grad_clip: float | None = 1.0
+    accumulate: int = 1
+    max_steps: int | None = None  # optimizer steps
+    max_epochs: int | None = None
+    max_minutes: float | None = None  # wall-clock cap; the LR schedule ignores it
+    val_every_steps: int | None = None  # None: validate at the end of every epoch
+    early_stop_patience: int | None = None  # validations without improvement
+
+    @model_validator(mode="after")
+    def _check_budget(self) -> TrainParams:
+        if self.max_steps is None and self.max_epochs is None:
+            raise ValueError("set max_steps or max_epochs (the LR schedule needs a horizon)")
+        for name in ("batch_size", "accumulate", "max_steps", "max_epochs", "val_every_steps"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be positive")
+        if not 0.0 <= self.warmup_fraction < 1.0:
+            raise ValueError("warmup_fraction must be in [0, 1)")
+        if self.lr <= 0:
+            raise ValueError("lr must be positive")
+        return self
+
+
+class NonFiniteLossError(PipelineError):
+    """Training produced a NaN or infinite loss."""
+
+
+# --------------------------------------------------------------------------- optimizer
+
+
+def _depth(name: str, n_layers: int) -> int:
+    """Layer depth for layer-wise LR decay: embeddings 0, block i -> i + 1, the rest top."""
+    parts = name.split(".")
+    if "encoder" in parts:
+        sub = parts[parts.index("encoder") + 1]
+        if sub in ("tok_emb", "pos_emb"):
+            return 0
+        if sub == "blocks":
+            return int(parts[parts.index("encoder") + 2]) + 1
+    return n_layers + 1
+
+
+def param_groups(
+    model: nn.Module, lr: float, weight_decay: float, n_layers: int, layer_decay: float = 1.0
+) -> list[dict[str, Any]]:
+    """AdamW groups: no weight decay on biases, norms and embeddings; with
+    ``layer_decay < 1`` a parameter at depth d gets ``lr * layer_decay ** (top - d)``, so
+    lower (more general) layers move less when fine-tuning."""
+    groups: dict[tuple[int, bool], dict[str, Any]] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        depth = _depth(name, n_layers)
+        decay = param.ndim >= 2 and "emb" not in name
+        key = (depth, decay)
+        if key not in groups:
+            groups[key] = {
+                "params": [],
+                "lr": lr * layer_decay ** (n_layers + 1 - depth),
+                "weight_decay": weight_decay if decay else 0.0,
+            }
+        groups[key]["params"].append(param)
+    return [groups[k] for k in sorted(groups)]
+
+
+class WarmupDecay:
+    """LR multiplier: linear warmup, then cosine or linear decay to ``min_ratio``."""
+
+    def __init__(self, total: int, warmup: int, schedule: Schedule, min_ratio: float) -> None:
+        self.total, self.warmup, self.schedule, self.min_ratio = total, warmup, schedule, min_ratio
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / self.warmup
+        if self.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - self.warmup) / max(1, self.total - self.warmup))
+        shape = (
+            0.5 * (1 + math.cos(math.pi * progress)) if self.schedule == "cosine" else 1 - progress
+        )
+        return self.min_ratio + (1 - self.min_ratio) * shape
+
+
+def configure_adamw(
+    module: L.LightningModule, net: nn.Module, run: TrainParams, n_layers: int, layer_decay: float
+) -> dict[str, Any]:
+    """Optimizer + per-step scheduler for ``configure_optimizers``."""
+    groups = param_groups(net, run.lr, run.weight_decay, n_layers, layer_decay)
+    optimizer = torch.optim.AdamW(groups, lr=run.lr, betas=(run.adam_beta1, run.adam_beta2))
+    total = module.trainer.estimated_stepping_batches
+    if not math.isfinite(total):
+        raise PipelineError("cannot size the LR schedule: set max_steps or max_epochs")
+    total = int(total)
+    warmup = int(run.warmup_fraction * total)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, WarmupDecay(total, warmup, run.schedule, run.min_lr_ratio)
+    )
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+# ----------------------------------------------------------------------------- modules
+
+
+class _Base(L.LightningModule):
+    """Loss checks shared by both modules."""
+
+    last_train_loss: float = float("nan")
+    train_tokens: int = 0  # real (non-pad) tokens seen by this rank, for throughput
+
+    def _check_finite(self, loss: Tensor) -> None:
+        bad = not bool(torch.isfinite(loss))
+        # Decide on every rank together, so one NaN rank cannot leave the others waiting.
+        if self.trainer.strategy.reduce_boolean_decision(bad, all=False):
+            raise NonFiniteLossError(
+                f"training loss became {loss.item() if bad else 'non-finite on another rank'} "
+                f"at step {self.global_step} (epoch {self.current_epoch}); lower the learning "
+                "rate, keep gradient clipping on, or use 32-bit precision"
+            )
+        self.last_train_loss = float(loss.detach())
+
+
+class MLMModule(_Base):
+    """Masked-language-model pretraining of :class:`pipeline.model.MaskedLM`."""
+
+    def __init__(self, model: MaskedLM, run: TrainParams) -> None:
+        super().__init__()
+        self.model = model
+        self.run = run
+        self.val_loss = torchmetrics.MeanMetric()
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        loss = self.model(batch["input_ids"], batch["attention_mask"], batch["labels"])
+        self.train_tokens += int(batch["attention_mask"].sum())
+        self._check_finite(loss)
+        self.log("train_loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        return loss
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        loss = self.model(batch["input_ids"], batch["attention_mask"], batch["labels"])
+        # Weighted by masked tokens: the held-out loss is a per-token average.
+        self.val_loss.update(loss, weight=(batch["labels"] != -100).sum())
+        self.log("val_loss", self.val_loss, prog_bar=True, on_epoch=True)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        return configure_adamw(self, self.model, self.run, self.model.encoder.params.n_layers, 1.0)
+
+
+class ClassifierModule(_Base):
+    """Fine-tuning of :class:`pipeline.model.Classifier` with cross-entropy.
+
+    ``freeze_epochs``: the encoder runs without gradients for the first epochs (only the
+    head learns), which protects pretrained features from a random head's first
+    gradients. Under DDP that leaves encoder parameters unused: use the
+    ``ddp_find_unused_parameters_true`` strategy then.
+    """
+
+    def __init__(
+        self,
+        model: Classifier,
+        run: TrainParams,
+        *,
+        n_classes: int,
+        label_smoothing: float = 0.0,
+        freeze_epochs: int = 0,
+        layer_lr_decay: float = 1.0,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.run = run
+        self.label_smoothing = label_smoothing
+        self.freeze_epochs = freeze_epochs
+        self.layer_lr_decay = layer_lr_decay
+        self.val_loss = torchmetrics.MeanMetric()
+        self.val_acc = torchmetrics.classification.MulticlassAccuracy(n_classes, average="micro")
+
+    def forward(self, batch: dict[str, Tensor]) -> Tensor:
+        return self.model(batch["input_ids"], batch["attention_mask"], batch["chunk_mask"])
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        frozen = self.current_epoch < self.freeze_epochs
+        with torch.set_grad_enabled(not frozen):
+            doc = self.model.embed(batch["input_ids"], batch["attention_mask"], batch["chunk_mask"])
+        logits = self.model.head(self.model.drop(doc))
+        self.train_tokens += int(batch["attention_mask"].sum())
+        loss = F.cross_entropy(
+            logits.float(), batch["labels"], label_smoothing=self.label_smoothing
+        )
+        self._check_finite(loss)
+        self.log("train_loss", loss, prog_bar=True, batch_size=len(batch["labels"]))
+        return loss
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        logits = self(batch).float()
+        # Plain cross-entropy (no smoothing): the NLL that calibration cares about.
+        loss = F.cross_entropy(logits, batch["labels"])
+        self.val_loss.update(loss, weight=len(batch["labels"]))
+        self.val_acc.update(logits, batch["labels"])
+        self.log("val_loss", self.val_loss, prog_bar=True, on_epoch=True)
+        self.log("val_acc", self.val_acc, prog_bar=True, on_epoch=True)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        n_layers = self.model.encoder.params.n_layers
+        return configure_adamw(self, self.model, self.run, n_layers, self.layer_lr_decay)
+
+
+# --------------------------------------------------------------------------- callbacks
+
+
+class BestWeights(Callback):
+    """Keeps a CPU copy of ``pl_module.model``'s weights at the best validation score."""
+
+    def __init__(self, monitor: str = "val_loss", mode: Literal["min", "max"] = "min") -> None:
+        self.monitor, self.mode = monitor, mode
+        self.best: float | None = None
+        self.best_step: int | None = None
+        self.state: dict[str, Tensor] | None = None
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or self.monitor not in trainer.callback_metrics:
+            return
+        value = float(trainer.callback_metrics[self.monitor])
+        better = self.best is None or (
+            value < self.best if self.mode == "min" else value > self.best
+        )
+        if better and math.isfinite(value):
+            self.best, self.best_step = value, trainer.global_step
+            model = pl_module.model  # type: ignore[attr-defined]
+            self.state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
+class LossCurve(Callback):
+    """Training loss every ``every`` optimizer steps (mean over the micro-batches since
+    the previous row, this rank) and validation metrics at each validation."""
+
+    def __init__(self, every: int = 10, val_keys: tuple[str, ...] = ("val_loss",)) -> None:
+        self.every, self.val_keys = every, val_keys
+        self.train: list[dict[str, float]] = []
+        self.val: list[dict[str, float]] = []
+        self._sum, self._n = 0.0, 0
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *_: Any) -> None:
+        self._sum += float(pl_module.last_train_loss)  # type: ignore[attr-defined]
+        self._n += 1
+        step = trainer.global_step
+        last_logged = self.train[-1]["step"] if self.train else 0
+        if step > last_logged and step % self.every == 0 and self._n:
+            self.train.append({"step": step, "loss": self._sum / self._n})
+            self._sum, self._n = 0.0, 0
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        row = {"step": trainer.global_step}
+        for key in self.val_keys:
+            if key in trainer.callback_metrics:
+                row[key.removeprefix("val_")] = float(trainer.callback_metrics[key])
+        if self.val and self.val[-1]["step"] == row["step"]:
+            self.val[-1] = row  # a final validate() at the last fit step
+        else:
+            self.val.append(row)
+
+
+# ----------------------------------------------------------------------------- trainer
+
+
+def build_trainer(
+    tp: TrainerParams, run: TrainParams, callbacks: list[Callback], **overrides: Any
+) -> L.Trainer:
+    """A Trainer from the two sections; no logger or checkpoint files (the stage writes its
+    own outputs atomically). ``overrides`` go straight to ``L.Trainer`` (tests)."""
+    if run.early_stop_patience is not None:
+        monitor = next((cb for cb in callbacks if isinstance(cb, BestWeights)), None)
+        key, mode = (monitor.monitor, monitor.mode) if monitor else ("val_loss", "min")
+        callbacks = [
+            *callbacks,
+            EarlyStopping(monitor=key, mode=mode, patience=run.early_stop_patience),
+        ]
+    kwargs: dict[str, Any] = {
+        "accelerator": tp.accelerator,
+        "devices": tp.devices,
+        "strategy": tp.strategy,
+        "num_nodes": tp.num_nodes,
+        "precision": tp.precision,
+        "deterministic": tp.deterministic,
+        "max_steps": run.max_steps if run.max_steps is not None else -1,
+        "max_epochs": run.max_epochs if run.max_epochs is not None else -1,
+        "max_time": timedelta(minutes=run.max_minutes) if run.max_minutes else None,
+        "gradient_clip_val": run.grad_clip,
+        "accumulate_grad_batches": run.accumulate,
+        "callbacks": callbacks,
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": tp.progress_bar,
+        "log_every_n_steps": tp.log_every_n_steps,
+        "num_sanity_val_steps": 0,
+    }
+    if run.val_every_steps is not None:
+        # Lightning counts batches here, not optimizer steps, across epoch boundaries.
+        kwargs["val_check_interval"] = run.val_every_steps * run.accumulate
+        kwargs["check_val_every_n_epoch"] = None
+    kwargs.update(overrides)
+    if tp.threads is not None:
+        # Tiny models run faster on one thread than on two busy cores (smoke runs, tests).
+        torch.set_num_threads(tp.threads)
+    return L.Trainer(**kwargs)
+
+
+def maybe_compile(module: L.LightningModule, tp: TrainerParams) -> L.LightningModule:
+    """``torch.compile`` the module when the trainer section asks (Lightning unwraps it)."""
+    return torch.compile(module) if tp.compile else module  # type: ignore[return-value]
+
+
+@torch.inference_mode()
+def predict_logits(
+    model: Classifier, loader: DataLoader, device: torch.device, precision: Precision
+) -> tuple[np.ndarray, np.ndarray]:
+    """(row indices, float64 logits) for every document of ``loader``, in one process.
+
+    Prediction happens once, after training, outside Lightning's distributed loop, so
+    no sampler pads or splits the split across ranks.
+    """
+    model = copy.deepcopy(model).to(device).eval()
+    dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
+    indices, logits = [], []
+    for batch in loader:
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            out = model(
+                batch["input_ids"].to(device),
+                batch["attention_mask"].to(device),
+                batch["chunk_mask"].to(device),
+            )
+        indices.append(batch["index"].numpy())
+        logits.append(out.double().cpu().numpy())
+    return np.concatenate(indices), np.concatenate(logits)
+
+
+@rank_zero_only
+def say(message: str) -> None:
+    """Print once (global rank 0), so DDP runs do not repeat every line."""
+    print(message, flush=True)
+
+
+def write_curve(path: Path, rows: list[dict[str, float]]) -> None:
+    """A CSV for DVC plots: one row per step, columns in first-seen order."""
+    columns: list[str] = []
+    for row in rows:
+        columns += [k for k in row if k not in columns]
+    lines = [",".join(columns)]
+    lines += [",".join(_fmt(row.get(c)) for c in columns) for row in rows]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def _fmt(value: float | None) -> str:
+    if value is None:
+        return ""
+    return str(int(value)) if float(value).is_integer() and abs(value) < 2**53 else f"{value:.6g}"

@@ -1,0 +1,106 @@
+"""The smoke pipeline through baseline, calibrate and evaluate, run by real DVC."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import archive_overrides, copy_project, git_commit, run, write_params
+
+VARIANTS = ("uncalibrated", "calibrated")
+PNGS = ("reliability", "confidence", "confusion", "per_class")
+pytestmark = pytest.mark.e2e
+
+
+def dvc(repo: Path, *args: str) -> str:
+    return run([sys.executable, "-m", "dvc", *args], repo).stdout
+
+
+def ran(output: str) -> set[str]:
+    return {line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage")}
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Path:
+    repo = copy_project(tmp_path / "project")
+    site_cache = str(tmp_path / "site-cache")
+    run([sys.executable, "-m", "dvc", "config", "--local", "core.site_cache_dir", site_cache], repo)
+    return repo
+
+
+def _check_metrics(metrics: dict, n_test: int) -> None:
+    assert metrics["ece_bins"] == 15
+    for model, variant in itertools.product(("baseline", "transformer"), VARIANTS):
+        m = metrics[model][variant]
+        assert m["n"] == n_test
+        # topic words make the tiny posts separable; the tiny transformer trains briefly
+        assert (0.5 if model == "baseline" else 0.1) <= m["accuracy"] <= 1
+        assert m["accuracy_ci_low"] <= m["accuracy"] <= m["accuracy_ci_high"]
+        for key in ("ece", "adaptive_ece", "mce", "classwise_ece", "aurc", "macro_f1"):
+            assert 0 <= m[key] <= 1, (model, variant, key, m[key])
+        assert m["nll"] >= 0 and 0 <= m["brier"] <= 2
+
+
+def test_smoke_pipeline_through_evaluate(repo: Path, tiny_archive) -> None:
+    overrides = ["experiment=smoke", *archive_overrides(*tiny_archive)]
+    write_params(repo / "params.yaml", *overrides)
+    git_commit(repo)
+
+    first = ran(dvc(repo, "repro"))
+    assert first == {
+        "fetch",
+        "tokenize",
+        "pretrain",
+        "finetune",
+        "baseline",
+        "calibrate",
+        "evaluate",
+        "register",
+    }
+    _check_metrics(read_json(repo / "reports/metrics.json"), n_test=60)
+    assert read_json(repo / "reports/calibrate.json")["baseline"]["method"] == "temperature"
+    plots = repo / "reports/plots"
+    for model, name in itertools.product(("baseline", "transformer"), PNGS):
+        assert (plots / f"{model}/{name}.png").stat().st_size > 1000
+    assert (plots / "risk_coverage.png").is_file()
+    report = (repo / "reports/report.md").read_text(encoding="utf-8")
+    assert "15 equal-width bins" in report and "| baseline | temperature |" in report
+    assert "| transformer | temperature |" in report
+    assert "reports/metrics.json" in dvc(repo, "metrics", "show")
+    # Every plot declared in dvc.yaml resolves (DVC reports unreadable sources as errors).
+    shown = json.loads(dvc(repo, "plots", "show", "--json"))
+    assert not shown.get("errors"), shown.get("errors")
+    assert {
+        "Reliability, baseline",
+        "Reliability, transformer",
+        "Pretraining loss (MLM)",
+        "Fine-tuning loss",
+    } <= set(shown["data"])
+    assert "reports/plots/baseline/reliability.png" in shown["data"]
+    before = {p: p.read_bytes() for p in (repo / "data").rglob("*") if p.is_file()}
+
+    # Changing only a calibrate param reruns only calibrate and what reads calibrators.
+    git_commit(repo, "smoke run")
+    exp = dvc(repo, "exp", "run", *(f"-S={o}" for o in overrides), "-S=calibrate.method=vector")
+    assert ran(exp) == {"calibrate", "evaluate", "register"}
+    assert read_json(repo / "data/models/calibrator/baseline.json")["method"] == "vector"
+    assert read_json(repo / "reports/calibrate.json")["baseline"]["method"] == "vector"
+    _check_metrics(read_json(repo / "reports/metrics.json"), n_test=60)
+    assert "| baseline | vector |" in (repo / "reports/report.md").read_text(encoding="utf-8")
+    predictions = repo / "data/predictions/baseline/predictions.parquet"
+    assert predictions.read_bytes() == before[predictions]  # baseline untouched
+    assert "calibrate.method" in dvc(repo, "params", "diff", "HEAD")
+
+    # Changing only a finetune param reruns finetune and what follows, never pretrain.
+    exp = dvc(repo, "exp", "run", *(f"-S={o}" for o in overrides), "-S=finetune.dropout=0.2")
+    assert ran(exp) == {"finetune", "calibrate", "evaluate", "register"}
+    pretrained = repo / "data/models/pretrained/model.safetensors"
+    assert pretrained.read_bytes() == before[pretrained]

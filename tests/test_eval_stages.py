@@ -1,0 +1,246 @@
+"""Unit tests of the baseline, calibrate and evaluate stages and the predictions contract."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from pipeline.baseline import BaselineParams, fit, logits_for
+from pipeline.calibrate import CalibrateParams, calibrate_model
+from pipeline.calibration import TemperatureScaling, softmax
+from pipeline.config import compose, load_section
+from pipeline.errors import PipelineError
+from pipeline.evaluate import (
+    EvaluateParams,
+    evaluate_model,
+    load_calibrators,
+    render_report,
+    write_plots,
+)
+from pipeline.predictions import (
+    check_against_documents,
+    make_table,
+    split_arrays,
+    validate_probabilities,
+)
+from pipeline.schemas import GROUPS, LOGIT_COLUMNS, MetricsRow, Predictions, validate
+from tests.helpers import ROOT
+
+K = len(GROUPS)
+
+
+def _docs(n_per_class: int = 3) -> pd.DataFrame:
+    rows = []
+    for split, origin in (("validation", "train"), ("test", "test")):
+        for label in range(K):
+            for i in range(n_per_class):
+                rows.append(
+                    {"id": f"{origin}/{GROUPS[label]}/{split}{i}", "split": split, "label": label}
+                )
+    return pd.DataFrame(rows).astype({"id": "str", "split": "str", "label": "int64"})
+
+
+def _predictions(docs: pd.DataFrame, seed: int = 0, scale: float = 3.0) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(size=(len(docs), K))
+    logits[np.arange(len(docs)), docs["label"].to_numpy()] += scale
+    return make_table(docs["id"], docs["split"], docs["label"], logits)
+
+
+# --- the predictions contract -------------------------------------------------------------
+
+
+def test_predictions_table_validates_and_round_trips(tmp_path: Path) -> None:
+    docs = _docs()
+    table = validate(_predictions(docs), Predictions, "preds")
+    assert list(table.columns) == ["id", "split", "label", *LOGIT_COLUMNS]
+    path = tmp_path / "p.parquet"
+    table.to_parquet(path, index=False)
+    again = validate(pd.read_parquet(path), Predictions, "preds")
+    check_against_documents(again, docs, "preds")
+    _ids, logits, labels = split_arrays(again, "test")
+    assert logits.shape == (3 * K, K) and logits.flags.writeable and labels.dtype == np.int64
+
+
+@pytest.mark.parametrize(
+    ("mutate", "fragment"),
+    [
+        (lambda t: t.assign(logit_3=t["logit_3"].where(t.index != 0, np.inf)), "finite"),
+        (lambda t: t.assign(logit_3=t["logit_3"].where(t.index != 0, np.nan)), "logit_3"),
+        (lambda t: t.assign(split="train"), "split"),
+        (lambda t: t.assign(label=t["label"] + 20), "label"),
+        (lambda t: t.drop(columns=["logit_19"]), "logit_19"),
+        (lambda t: t.assign(split=np.where(t["split"] == "test", "validation", "test")), "test"),
+    ],
+)
+def test_predictions_schema_rejects_bad_tables(mutate, fragment: str) -> None:
+    table = mutate(_predictions(_docs()))
+    with pytest.raises(PipelineError, match=fragment):
+        validate(table, Predictions, "preds.parquet")
+
+
+def test_ids_and_labels_must_match_the_documents() -> None:
+    docs = _docs()
+    preds = _predictions(docs)
+    with pytest.raises(PipelineError, match="1 test document.s. missing"):
+        check_against_documents(preds.iloc[:-1], docs, "p")
+    wrong = preds.copy()
+    wrong.loc[0, "label"] = (wrong.loc[0, "label"] + 1) % K
+    with pytest.raises(PipelineError, match=r"1 validation label\(s\) differ"):
+        check_against_documents(wrong, docs, "p")
+
+
+def test_probabilities_schema() -> None:
+    probs = softmax(np.random.default_rng(0).normal(size=(5, K)))
+    ids, labels = [f"test/x/{i}" for i in range(5)], np.arange(5)
+    validate_probabilities(ids, labels, probs, "ok")
+    with pytest.raises(PipelineError, match="sum to 1"):
+        validate_probabilities(ids, labels, probs * 1.01, "bad")
+    bad = probs.copy()
+    bad[0, 0] = -0.5
+    with pytest.raises(PipelineError, match=r"\[0, 1\]"):
+        validate_probabilities(ids, labels, bad, "bad")
+
+
+# --- baseline ------------------------------------------------------------------------------
+
+
+def test_baseline_logits_are_the_models_log_odds() -> None:
+    texts = [f"{GROUPS[j].replace('.', ' ')} post {i}" for j in range(K) for i in range(3)]
+    labels = np.repeat(np.arange(K), 3)
+    params = BaselineParams(min_df=1)
+    vectorizer, model, info = fit(texts, labels, params, seed=0)
+    assert info["converged"] and info["features"] == len(vectorizer.vocabulary_)
+    z = logits_for(vectorizer, model, texts)
+    assert z.shape == (len(texts), K)
+    np.testing.assert_allclose(softmax(z), model.predict_proba(vectorizer.transform(texts)))
+    assert np.mean(z.argmax(axis=1) == labels) == 1.0
+    # The vocabulary comes from the texts it was fitted on only.
+    assert "unseenword" not in vectorizer.vocabulary_
+
+
+def test_baseline_pruning_everything_is_a_clear_error() -> None:
+    with pytest.raises(PipelineError, match="TF-IDF on the train split failed"):
+        fit(["a b", "c d"], np.array([0, 1]), BaselineParams(min_df=5), seed=0)
+
+
+# --- calibrate -----------------------------------------------------------------------------
+
+
+def _params(**values) -> CalibrateParams:
+    return CalibrateParams.model_validate({"models": ["baseline"], **values})
+
+
+def test_temperature_is_recovered_and_reported() -> None:
+    rng = np.random.default_rng(1)
+    true_logits = rng.normal(scale=2.0, size=(4000, K))
+    labels = np.array([rng.choice(K, p=p) for p in softmax(true_logits)])
+    calibrator, report = calibrate_model(true_logits * 2.5, labels, _params(), seed=0)
+    assert isinstance(calibrator, TemperatureScaling)
+    assert report["temperature"] == pytest.approx(2.5, rel=0.08)
+    assert report["validation_nll_after"] < report["validation_nll_before"]
+    assert report["validation_ece_after"] < report["validation_ece_before"]
+
+
+def test_auto_reports_the_cv_table_and_picks_its_best() -> None:
+    docs = _docs(n_per_class=10)
+    _, logits, labels = split_arrays(_predictions(docs, scale=6.0), "validation")
+    methods = ["none", "temperature", "vector"]
+    _, report = calibrate_model(logits, labels, _params(method="auto", auto_methods=methods), 0)
+    assert report["selected_by"] == "auto" and set(report["cv"]) == set(methods)
+    best = min(methods, key=lambda m: report["cv"][m]["mean_nll"])
+    assert report["method"] == best
+    assert all(len(row["fold_nll"]) == 5 for row in report["cv"].values())
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"method": "platt"}, "calibrate.method='platt'"),
+        ({"models": []}, "calibrate.models"),
+        ({"models": ["../etc"]}, "model names must match"),
+        ({"models": ["a", "a"]}, "unique"),
+        ({"folds": 1}, "calibrate.folds=1"),
+        ({"options": {"vector": {"reg": -1}}}, "calibrate.options.vector.reg=-1"),
+        ({"options": {"lasso": {}}}, "unknown key calibrate.options.lasso"),
+    ],
+)
+def test_invalid_calibrate_params(tmp_path: Path, values: dict, message: str) -> None:
+    params = yaml.safe_load(compose())
+    params["calibrate"].update(values)
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params), encoding="utf-8")
+    with pytest.raises(PipelineError, match=message.replace(".", r"\.").replace("[", r"\[")):
+        load_section("calibrate", CalibrateParams, path)
+
+
+def test_default_sections_validate() -> None:
+    path = ROOT / "params.yaml"
+    assert load_section("baseline", BaselineParams, path).C == 10.0
+    assert load_section("calibrate", CalibrateParams, path).method == "temperature"
+    assert load_section("evaluate", EvaluateParams, path).bootstrap >= 1000
+    smoke = yaml.safe_load(compose(["experiment=smoke"]))
+    assert smoke["evaluate"]["bootstrap"] < 1000
+
+
+# --- evaluate ------------------------------------------------------------------------------
+
+
+def test_evaluate_scores_plots_and_reports(tmp_path: Path) -> None:
+    docs = _docs(n_per_class=5)
+    preds = _predictions(docs, scale=2.0)
+    _, val_logits, val_labels = split_arrays(preds, "validation")
+    calibrator, _ = calibrate_model(val_logits, val_labels, _params(), seed=0)
+    ids, logits, labels = split_arrays(preds, "test")
+    probs, summary = evaluate_model(logits, labels, calibrator, n_boot=20, seed=0)
+    # Temperature scaling never changes the argmax, so accuracy is the same before and after.
+    assert summary["calibrated"]["accuracy"] == summary["uncalibrated"]["accuracy"]
+    for variant in ("uncalibrated", "calibrated"):
+        validate_probabilities(ids, labels, probs[variant], variant)
+    rows = [{"model": "m", "variant": v, **summary[v]} for v in summary]
+    validate(pd.DataFrame(rows), MetricsRow, "metrics")
+
+    params = EvaluateParams(bootstrap=20)
+    write_plots(tmp_path, "m", probs, labels, params)
+    names = {p.name for p in (tmp_path / "m").iterdir()}
+    assert {"reliability.png", "confusion.json", "per_class.json"} <= names
+    rel = json.loads((tmp_path / "m/reliability_calibrated.json").read_text())
+    assert sum(r["count"] for r in rel) == len(labels)
+    confusion = json.loads((tmp_path / "m/confusion.json").read_text())
+    assert len(confusion) == len(labels) and set(confusion[0]) == {"actual", "predicted"}
+
+    metrics = {"ece_bins": 15, "m": summary}
+    report = render_report(metrics, {"m": "temperature"}, ["m"], 20)
+    assert "15 equal-width bins" in report and "| m | temperature |" in report
+    assert "![reliability m](plots/m/reliability.png)" in report
+
+
+def test_metrics_table_rejects_nonsense() -> None:
+    row = {
+        "model": "m", "variant": "calibrated", "n": 10, "accuracy": 0.5,
+        "accuracy_ci_low": 0.6, "accuracy_ci_high": 0.4, "macro_f1": 0.5, "nll": 1.0,
+        "brier": 0.5, "ece": 1.5, "ece_ci_low": 0.1, "ece_ci_high": 0.2, "adaptive_ece": 0.1,
+        "mce": 0.2, "classwise_ece": 0.01, "aurc": 0.1,
+    }  # fmt: skip
+    with pytest.raises(PipelineError, match="ece") as info:
+        validate(pd.DataFrame([row]), MetricsRow, "metrics.json")
+    assert "ordered" in str(info.value)
+
+
+def test_load_calibrators_errors(tmp_path: Path) -> None:
+    with pytest.raises(PipelineError, match="not found"):
+        load_calibrators(tmp_path / "missing")
+    (tmp_path / "cal").mkdir()
+    with pytest.raises(PipelineError, match="no calibrators"):
+        load_calibrators(tmp_path / "cal")
+    (tmp_path / "cal/m.json").write_text('{"method": "temperature", "num_classes": 20}')
+    with pytest.raises(PipelineError, match="m.json: calibrator state: missing key"):
+        load_calibrators(tmp_path / "cal")
+    state = TemperatureScaling(K, 1.5).to_dict()
+    (tmp_path / "cal/m.json").write_text(json.dumps(state))
+    assert load_calibrators(tmp_path / "cal")["m"].temperature == 1.5

@@ -1,0 +1,445 @@
+"""The served model with real MLflow: log, register, load in a fresh process, serve over HTTP.
+
+A tiny tokenizer + classifier + calibrator are built once per module by the real stage
+code (train_tokenizer, finetune.run, a temperature fit) on synthetic posts, then the
+`register` stage logs and registers them in a throwaway SQLite store.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import requests
+import torch
+import yaml
+from mlflow import MlflowClient
+
+from pipeline.calibration import fit_calibrator
+from pipeline.finetune import FinetuneParams
+from pipeline.finetune import run as finetune
+from pipeline.model import ModelParams
+from pipeline.schemas import GROUPS, LOGIT_COLUMNS
+from pipeline.serving import (
+    Scorer,
+    predictions_frame,
+    prob_column,
+    serving_config,
+    validate_texts,
+)
+from pipeline.tokenize import TokenizerParams, train_tokenizer
+from pipeline.training import TrainerParams
+from tests.helpers import ROOT, make_post, stage_env
+
+NAME = "test-newsgroups"
+PROB_COLUMNS = [prob_column(g) for g in GROUPS]
+SIZES = {"train": 8, "validation": 3, "test": 1}  # posts per group
+MODEL = {"d_model": 32, "n_layers": 1, "n_heads": 2, "d_ff": 64, "dropout": 0.0, "max_len": 32}
+FINETUNE = {"init": "scratch", "batch_size": 16, "lr": 3e-3, "max_epochs": 15, "max_chunks": 3}
+
+
+def post(group: int, k: int) -> str:
+    return make_post(group, k)
+
+
+def build_project(root: Path) -> None:
+    """data/tokenizer, data/models/classifier, data/models/calibrator/transformer.json."""
+    from datasets import Dataset, DatasetDict
+
+    texts = {
+        split: [(g, post(g, 100 * i + k)) for g in range(20) for k in range(n)]
+        for i, (split, n) in enumerate(SIZES.items())
+    }
+    tokenizer = train_tokenizer(
+        [t for _, t in texts["train"]], TokenizerParams(vocab_size=400, min_frequency=1)
+    )
+    (root / "data/tokenizer").mkdir(parents=True)
+    tokenizer.save(str(root / "data/tokenizer/tokenizer.json"))
+    splits = {}
+    for split, rows in texts.items():
+        # ids as fetch makes them: <train|test>/<group>/<number>
+        folder, offset = ("test", 0) if split == "test" else ("train", 1000 * (split != "train"))
+        ids = [
+            e.ids for e in tokenizer.encode_batch([t for _, t in rows], add_special_tokens=False)
+        ]
+        splits[split] = Dataset.from_dict(
+            {
+                "id": [f"{folder}/{GROUPS[g]}/{offset + i}" for i, (g, _) in enumerate(rows)],
+                "label": np.array([g for g, _ in rows], dtype=np.int64),
+                "input_ids": [np.asarray(x, dtype=np.int32) for x in ids],
+            }
+        )
+    DatasetDict(splits).save_to_disk(str(root / "data/tokenized"))
+    finetune(
+        ModelParams(**MODEL),
+        FinetuneParams(**FINETUNE),
+        TrainerParams(progress_bar=False, log_every_n_steps=5),
+        0,
+        tokenized=root / "data/tokenized",
+        tokenizer=root / "data/tokenizer/tokenizer.json",
+        out_model=root / "data/models/classifier",
+        out_predictions=root / "data/predictions/transformer",
+        report=root / "reports/finetune.json",
+        curves=root / "reports/finetune",
+        default_root_dir=str(root),
+    )
+    preds = pd.read_parquet(root / "data/predictions/transformer/predictions.parquet")
+    val = preds[preds["split"] == "validation"]
+    calibrator = fit_calibrator(
+        "temperature", val[list(LOGIT_COLUMNS)].to_numpy(), val["label"].to_numpy(), 0
+    )
+    (root / "data/models/calibrator").mkdir(parents=True)
+    (root / "data/models/calibrator/transformer.json").write_text(
+        json.dumps(calibrator.to_dict()), encoding="utf-8"
+    )
+    params = {
+        "seed": 0,
+        "tracking": {"enabled": True, "uri": None, "experiment": "newsgroups-pipeline"},
+        "register": {"model_name": NAME, "batch_size": 8},
+    }
+    (root / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("serving")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        build_project(root)
+    finally:
+        torch.set_num_threads(threads)
+    return root
+
+
+@pytest.fixture(scope="module")
+def store(project: Path) -> str:
+    return f"sqlite:///{project.parent / 'registry.db'}"
+
+
+def env(store: str) -> dict[str, str]:
+    return stage_env(MLFLOW_TRACKING_URI=store, PYTHONPATH=str(ROOT))
+
+
+@pytest.fixture(scope="module")
+def registered(project: Path, store: str) -> dict:
+    """Run the register stage once: log + register version 1 in the SQLite store."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline.register"],
+        cwd=project,
+        env=env(store),
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads((project / "reports/register.json").read_text())
+
+
+def scorer(project: Path) -> Scorer:
+    from pipeline.model import load_model_files
+
+    config = serving_config(load_model_files(project / "data/models/classifier")[0], 8)
+    return Scorer.load(
+        project / "data/tokenizer/tokenizer.json",
+        project / "data/models/classifier",
+        project / "data/models/calibrator/transformer.json",
+        config,
+    )
+
+
+# ------------------------------------------------------------------ pure pieces
+
+
+def test_validate_texts_rejects_bad_input_in_one_line() -> None:
+    ok = pd.DataFrame({"text": ["a post", "another"], "id": [1, 2]})
+    assert validate_texts(ok) == ["a post", "another"]
+    cases = {
+        "missing column 'text' (found columns: body)": pd.DataFrame({"body": ["x"]}),
+        "no rows": pd.DataFrame({"text": pd.Series([], dtype=object)}),
+        "row 1: expected a string, got 5 (int)": pd.DataFrame({"text": ["x", 5]}),
+        "row 0: expected a string, got missing": pd.DataFrame({"text": [None]}),
+        "row 1: empty text": pd.DataFrame({"text": ["x", "  \n"]}),
+    }
+    for message, frame in cases.items():
+        with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")) as e:
+            validate_texts(frame)
+        assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match="got list"):
+        validate_texts(["a list"])
+
+
+def test_scorer_reproduces_the_finetune_logits(project: Path) -> None:
+    """Raw text -> the same logits the finetune stage wrote for the tokenized document."""
+    s = scorer(project)
+    preds = pd.read_parquet(project / "data/predictions/transformer/predictions.parquet")
+    val = preds[preds["split"] == "validation"].reset_index(drop=True)
+    texts = [post(g, 100 + k) for g in range(20) for k in range(SIZES["validation"])]
+    np.testing.assert_allclose(s.logits(texts), val[list(LOGIT_COLUMNS)].to_numpy(), atol=1e-4)
+    probs = s.probabilities(texts)
+    frame = predictions_frame(probs, s.groups)
+    assert list(frame.columns[:3]) == ["predicted_label", "predicted_id", "confidence"]
+    assert list(frame.columns[3:]) == PROB_COLUMNS
+    np.testing.assert_allclose(frame[PROB_COLUMNS].sum(axis=1), 1.0, atol=1e-9)
+    assert (frame["predicted_label"] == [GROUPS[i] for i in frame["predicted_id"]]).all()
+    assert (frame["predicted_id"] == val["label"]).mean() > 0.3  # chance: 0.05
+
+
+# ------------------------------------------------------------- registry + fresh load
+
+LOAD_AND_PREDICT = """
+import json, sys
+import mlflow.pyfunc, pandas as pd
+model = mlflow.pyfunc.load_model(sys.argv[1])
+out = model.predict(pd.DataFrame({"text": json.loads(sys.argv[2])}))
+print(out.to_json(orient="split"))
+"""
+
+
+def test_register_logs_a_run_and_a_registry_version(registered: dict, store: str) -> None:
+    assert registered["registered"] is True
+    assert registered["model_name"] == NAME and registered["version"] == 1
+    assert registered["model_uri"] == f"models:/{NAME}/1"
+    client = MlflowClient(tracking_uri=store)
+    version = client.get_model_version(NAME, "1")
+    assert version.run_id == registered["run_id"]
+    run = client.get_run(registered["run_id"])
+    assert run.data.tags["stage"] == "register"
+    assert run.data.params["register.model_name"] == NAME
+    assert {"input.tokenizer", "input.classifier", "input.calibrator"} <= set(run.data.tags)
+
+
+def test_registered_model_predicts_raw_text_in_a_fresh_process(
+    registered: dict, store: str, project: Path, tmp_path: Path
+) -> None:
+    texts = [post(3, 7), "Subject: short\n\nA tiny post with few words."]
+    proc = subprocess.run(
+        [sys.executable, "-c", LOAD_AND_PREDICT, f"models:/{NAME}/1", json.dumps(texts)],
+        cwd=tmp_path,  # not the project: the model must bring its own code and files
+        env={**env(store), "PYTHONPATH": ""},
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = pd.read_json(io.StringIO(proc.stdout.strip().splitlines()[-1]), orient="split")
+    assert len(out) == 2
+    assert [c for c in out.columns if c.startswith("prob_")] == PROB_COLUMNS
+    np.testing.assert_allclose(out[PROB_COLUMNS].sum(axis=1), 1.0, atol=1e-6)
+    assert set(out["predicted_label"]) <= set(GROUPS)
+    expected = scorer(project).probabilities(texts)
+    np.testing.assert_allclose(out[PROB_COLUMNS].to_numpy(), expected, atol=1e-6)
+
+
+# ----------------------------------------------------------------------- HTTP serving
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(registered: dict, store: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    port = free_port()
+    log = (tmp_path_factory.mktemp("serve") / "serve.log").open("w")
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "models",
+            "serve",
+            "-m",
+            f"models:/{NAME}/1",
+            "--env-manager",
+            "local",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        env=env(store),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,  # its own process group: the uvicorn workers stop with it
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if proc.poll() is not None:
+                output = Path(log.name).read_text()[-3000:]
+                pytest.fail(f"mlflow models serve exited {proc.returncode}: {output}")
+            try:
+                if requests.get(f"{url}/ping", timeout=2).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"server did not answer /ping: {Path(log.name).read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        log.close()
+
+
+def invoke(url: str, payload: dict) -> requests.Response:
+    return requests.post(f"{url}/invocations", json=payload, timeout=60)
+
+
+def test_served_model_answers_over_http(server: str) -> None:
+    text = post(5, 3)
+    response = invoke(server, {"dataframe_split": {"columns": ["text"], "data": [[text]]}})
+    assert response.status_code == 200, response.text
+    [row] = response.json()["predictions"]
+    assert row["predicted_label"] in GROUPS
+    assert GROUPS[row["predicted_id"]] == row["predicted_label"]
+    probs = [row[c] for c in PROB_COLUMNS]
+    assert sum(probs) == pytest.approx(1.0, abs=1e-6)
+    assert row["confidence"] == pytest.approx(max(probs))
+
+
+@pytest.mark.parametrize(
+    ("payload", "message"),
+    [
+        ({"dataframe_split": {"columns": ["text"], "data": [["fine"], [" "]]}}, "empty text"),
+        ({"dataframe_split": {"columns": ["body"], "data": [["x"]]}}, "missing inputs ['text']"),
+        ({"dataframe_split": {"columns": ["text"], "data": [[5]]}}, "expected a string, got 5"),
+    ],
+    ids=["empty", "wrong-column", "non-string"],
+)
+def test_bad_requests_get_a_readable_error(server: str, payload: dict, message: str) -> None:
+    response = invoke(server, payload)
+    assert 400 <= response.status_code < 500, response.text
+    body = response.json()
+    assert body["error_code"] in {"INVALID_PARAMETER_VALUE", "BAD_REQUEST"}
+    assert message in body["message"]
+    assert "stack_trace" not in body and "Traceback" not in response.text
+
+
+# -------------------------------------------------------------------------- batch CLI
+
+
+def predict_cli(cwd: Path, store: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.predict", *args],
+        cwd=cwd,
+        env=env(store),
+        capture_output=True,
+        text=True,
+    )
+
+
+def test_predict_cli_scores_a_csv(registered: dict, store: str, project: Path) -> None:
+    texts = [post(g, 900) for g in (0, 7, 19)]
+    pd.DataFrame({"id": ["a", "b", "c"], "text": texts}).to_csv(project / "in.csv", index=False)
+    proc = predict_cli(project, store, "--input", "in.csv", "--output", "out.csv")  # register.json
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = pd.read_csv(project / "out.csv")
+    assert list(out.columns) == [
+        "id",
+        "predicted_label",
+        "predicted_id",
+        "confidence",
+        *PROB_COLUMNS,
+    ]
+    assert list(out["id"]) == ["a", "b", "c"]
+    np.testing.assert_allclose(out[PROB_COLUMNS].sum(axis=1), 1.0, atol=1e-6)
+    np.testing.assert_allclose(
+        out[PROB_COLUMNS].to_numpy(), scorer(project).probabilities(texts), atol=1e-6
+    )
+
+
+def test_predict_cli_bad_input_is_one_error_line(store: str, tmp_path: Path) -> None:
+    pd.DataFrame({"body": ["x"]}).to_csv(tmp_path / "wrong.csv", index=False)
+    pd.DataFrame({"text": ["fine", ""]}).to_csv(tmp_path / "empty.csv", index=False)
+    (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{"text": 3}\n')
+    cases = {
+        "wrong.csv": "wrong.csv: missing column 'text' (found columns: body)",
+        "empty.csv": "empty.csv: column 'text', row 1: empty text",
+        "bad.jsonl": "bad.jsonl: column 'text', row 1: expected a string, got 3 (int)",
+        "absent.csv": "absent.csv: file not found",
+    }
+    for name, message in cases.items():
+        args = ("--model", f"models:/{NAME}/1", "--input", name, "--output", "out.csv")
+        proc = predict_cli(tmp_path, store, *args)
+        assert proc.returncode == 1
+        assert proc.stderr.strip() == f"error: {message}"
+        assert not (tmp_path / "out.csv").exists()
+    proc = predict_cli(
+        tmp_path,
+        store,
+        "--model",
+        "models:/no-such-model/1",
+        "--input",
+        "wrong.csv",
+        "--output",
+        "o.csv",
+        "--column",
+        "body",
+    )
+    assert proc.returncode == 1
+    assert proc.stderr.startswith("error: cannot load model models:/no-such-model/1")
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_register_without_tracking_writes_only_its_report(project: Path, tmp_path: Path) -> None:
+    for name in ("data", "params.yaml"):
+        (tmp_path / name).symlink_to(project / name)
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["tracking"]["enabled"] = False
+    (tmp_path / "params.yaml").unlink()
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline.register"],
+        cwd=tmp_path,
+        env=env(f"sqlite:///{tmp_path / 'never.db'}"),
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((tmp_path / "reports/register.json").read_text())
+    assert report == {
+        "model_name": NAME,
+        "registered": False,
+        "reason": "tracking.enabled is false",
+    }
+    assert not (tmp_path / "never.db").exists()
+
+
+def test_read_texts_formats(tmp_path: Path) -> None:
+    from pipeline.errors import PipelineError
+    from pipeline.predict import read_texts
+
+    (tmp_path / "a.txt").write_text("first post\nsecond post\n", encoding="utf-8")
+    assert read_texts(tmp_path / "a.txt")["text"].tolist() == ["first post", "second post"]
+    (tmp_path / "b.jsonl").write_text('{"id": 1, "body": "x"}\n', encoding="utf-8")
+    assert read_texts(tmp_path / "b.jsonl", "body").columns.tolist() == ["id", "text"]
+    with pytest.raises(PipelineError, match=r"c\.parquet: unsupported input type"):
+        read_texts(tmp_path / "c.parquet")
+
+
+def test_register_checks_its_inputs_first(tmp_path: Path) -> None:
+    from pipeline.errors import PipelineError
+    from pipeline.register import check_inputs
+
+    with pytest.raises(PipelineError, match="tokenizer.json: not found"):
+        check_inputs(tmp_path / "tokenizer.json", tmp_path / "classifier", tmp_path / "t.json")

@@ -1,0 +1,146 @@
+"""baseline, calibrate and evaluate run as DVC runs them; bad input is one clear error line."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from tests.helpers import archive_overrides, run_stage, write_params
+
+# These tests exercise calibrate/evaluate on the baseline alone (no transformer stages).
+BASELINE_ONLY = ("experiment=smoke", "calibrate.models=[baseline]")
+
+
+def _assert_failed_cleanly(proc, workdir: Path, before: set[Path], *fragments: str) -> None:
+    """Exit 1, one `error:` line naming the problem, no traceback, no new files."""
+    assert proc.returncode == 1, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: "), proc.stderr
+    for fragment in fragments:
+        assert fragment in last, (fragment, last)
+    assert "Traceback" not in proc.stderr
+    after = {p for p in workdir.rglob("*") if p.is_file() and p.name != "params.yaml"}
+    assert after == before, sorted(after ^ before)
+
+
+def _files(workdir: Path) -> set[Path]:
+    return {p for p in workdir.rglob("*") if p.is_file() and p.name != "params.yaml"}
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory: pytest.TempPathFactory, tiny_archive) -> Path:
+    """A smoke workdir after fetch and baseline (built once for the module)."""
+    work = tmp_path_factory.mktemp("fitted")
+    write_params(work / "params.yaml", *BASELINE_ONLY, *archive_overrides(*tiny_archive))
+    for stage in ("fetch", "baseline"):
+        proc = run_stage(stage, work)
+        assert proc.returncode == 0, proc.stderr
+    return work
+
+
+@pytest.fixture
+def workdir(fitted: Path, tmp_path: Path) -> Path:
+    work = tmp_path / "work"
+    shutil.copytree(fitted, work)
+    return work
+
+
+def test_baseline_calibrate_evaluate_succeed(workdir: Path) -> None:
+    preds = pd.read_parquet(workdir / "data/predictions/baseline/predictions.parquet")
+    assert set(preds["split"]) == {"validation", "test"} and len(preds) == 80
+    report = json.loads((workdir / "reports/baseline.json").read_text())
+    assert report["converged"] and 0 <= report["validation_accuracy"] <= 1
+    for stage in ("calibrate", "evaluate"):
+        proc = run_stage(stage, workdir)
+        assert proc.returncode == 0, proc.stderr
+    assert (workdir / "data/models/calibrator/baseline.json").is_file()
+    metrics = json.loads((workdir / "reports/metrics.json").read_text())
+    assert metrics["ece_bins"] == 15
+    assert set(metrics["baseline"]) == {"uncalibrated", "calibrated"}
+    assert (workdir / "reports/plots/baseline/reliability.png").stat().st_size > 1000
+    assert "baseline" in (workdir / "reports/report.md").read_text()
+    assert not list(workdir.rglob("*.tmp"))
+
+
+@pytest.mark.parametrize(
+    ("stage", "override", "fragment"),
+    [
+        ("baseline", "baseline.C=0", "baseline.C=0"),
+        ("baseline", "baseline.solver=liblinear", "baseline.solver='liblinear'"),
+        ("baseline", "+baseline.penalty=l1", "unknown key baseline.penalty"),
+        ("calibrate", "calibrate.method=platt", "calibrate.method='platt'"),
+        ("calibrate", "calibrate.folds=1", "calibrate.folds=1"),
+        ("evaluate", "evaluate.bootstrap=1", "evaluate.bootstrap=1"),
+    ],
+)
+def test_invalid_params(workdir: Path, tiny_archive, stage: str, override: str, fragment: str):
+    write_params(
+        workdir / "params.yaml", *BASELINE_ONLY, override, *archive_overrides(*tiny_archive)
+    )
+    before = _files(workdir)
+    _assert_failed_cleanly(run_stage(stage, workdir), workdir, before, "params.yaml", fragment)
+
+
+def test_baseline_without_documents(tmp_path: Path) -> None:
+    write_params(tmp_path / "params.yaml", *BASELINE_ONLY)
+    proc = run_stage("baseline", tmp_path)
+    _assert_failed_cleanly(proc, tmp_path, set(), "documents.parquet", "not found")
+
+
+def test_calibrate_a_model_without_predictions(workdir: Path, tiny_archive) -> None:
+    write_params(
+        workdir / "params.yaml",
+        *BASELINE_ONLY,
+        "calibrate.models=[baseline,transformer]",
+        *archive_overrides(*tiny_archive),
+    )
+    before = _files(workdir)
+    _assert_failed_cleanly(
+        run_stage("calibrate", workdir),
+        workdir,
+        before,
+        "data/predictions/transformer/predictions.parquet",
+        "not found",
+    )
+
+
+def test_predictions_on_other_documents(workdir: Path) -> None:
+    path = workdir / "data/predictions/baseline/predictions.parquet"
+    preds = pd.read_parquet(path)
+    preds.iloc[:-1].to_parquet(path, index=False)  # one test document missing
+    before = _files(workdir)
+    _assert_failed_cleanly(
+        run_stage("calibrate", workdir), workdir, before, "ids do not match", "test document"
+    )
+
+
+def test_corrupt_predictions_schema(workdir: Path) -> None:
+    path = workdir / "data/predictions/baseline/predictions.parquet"
+    preds = pd.read_parquet(path)
+    preds.loc[0, "logit_0"] = float("inf")
+    preds.to_parquet(path, index=False)
+    before = _files(workdir)
+    proc = run_stage("calibrate", workdir)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "failed 1 check(s) of Predictions" in proc.stderr and "finite" in proc.stderr
+    assert _files(workdir) == before
+
+
+def test_evaluate_without_calibrators(workdir: Path) -> None:
+    before = _files(workdir)
+    _assert_failed_cleanly(
+        run_stage("evaluate", workdir), workdir, before, "data/models/calibrator", "not found"
+    )
+
+
+def test_evaluate_with_a_missing_predictions_file(workdir: Path) -> None:
+    assert run_stage("calibrate", workdir).returncode == 0
+    (workdir / "data/predictions/baseline/predictions.parquet").unlink()
+    before = _files(workdir)
+    _assert_failed_cleanly(
+        run_stage("evaluate", workdir), workdir, before, "predictions.parquet", "not found"
+    )
