@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import build_archive
+from tests.helpers import build_archive, copy_project, dvc
 
 
 @pytest.fixture(scope="session")
@@ -42,3 +42,11 @@ def _tracking_store(tmp_path_factory: pytest.TempPathFactory):
         del os.environ["MLFLOW_TRACKING_URI"]
     else:
         os.environ["MLFLOW_TRACKING_URI"] = previous
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Path:
+    """A copy of the project in a fresh git repo, with its own DVC site cache."""
+    repo = copy_project(tmp_path / "project")
+    dvc(repo, "config", "--local", "core.site_cache_dir", str(tmp_path / "site-cache"))
+    return repo

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import shutil
 import subprocess
@@ -133,3 +134,17 @@ def copy_project(dest: Path) -> Path:
 def git_commit(repo: Path, message: str = "snapshot") -> None:
     run(["git", "add", "-A"], repo)
     run(["git", "commit", "-q", "-m", message, "--allow-empty"], repo)
+
+
+def dvc(repo: Path, *args: str) -> str:
+    """Run DVC in ``repo`` (failing the test with its output if it fails)."""
+    return run([sys.executable, "-m", "dvc", *args], repo).stdout
+
+
+def ran(output: str) -> set[str]:
+    """The stages a `dvc repro` / `dvc exp run` output says it ran."""
+    return {line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage")}
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8"))

@@ -4,36 +4,15 @@ from __future__ import annotations
 
 import itertools
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import archive_overrides, copy_project, git_commit, run, write_params
+from tests.helpers import archive_overrides, dvc, git_commit, ran, read_json, write_params
 
 VARIANTS = ("uncalibrated", "calibrated")
 PNGS = ("reliability", "confidence", "confusion", "per_class")
 pytestmark = pytest.mark.e2e
-
-
-def dvc(repo: Path, *args: str) -> str:
-    return run([sys.executable, "-m", "dvc", *args], repo).stdout
-
-
-def ran(output: str) -> set[str]:
-    return {line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage")}
-
-
-def read_json(path: Path) -> dict:
-    return json.loads(path.read_text(encoding="utf-8"))
-
-
-@pytest.fixture
-def repo(tmp_path: Path) -> Path:
-    repo = copy_project(tmp_path / "project")
-    site_cache = str(tmp_path / "site-cache")
-    run([sys.executable, "-m", "dvc", "config", "--local", "core.site_cache_dir", site_cache], repo)
-    return repo
 
 
 def _check_metrics(metrics: dict, n_test: int) -> None:

@@ -11,29 +11,9 @@ from matplotlib.image import imread
 
 from pipeline import metrics as M
 from pipeline import plots as P
+from pipeline.schemas import GROUPS
 
-CLASS_NAMES = [
-    "alt.atheism",
-    "comp.graphics",
-    "comp.os.ms-windows.misc",
-    "comp.sys.ibm.pc.hardware",
-    "comp.sys.mac.hardware",
-    "comp.windows.x",
-    "misc.forsale",
-    "rec.autos",
-    "rec.motorcycles",
-    "rec.sport.baseball",
-    "rec.sport.hockey",
-    "sci.crypt",
-    "sci.electronics",
-    "sci.med",
-    "sci.space",
-    "soc.religion.christian",
-    "talk.politics.guns",
-    "talk.politics.mideast",
-    "talk.politics.misc",
-    "talk.religion.misc",
-]
+CLASS_NAMES = list(GROUPS)
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 

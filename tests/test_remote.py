@@ -4,18 +4,13 @@ from __future__ import annotations
 
 import re
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import archive_overrides, copy_project, run, write_params
+from tests.helpers import archive_overrides, dvc, write_params
 
 pytestmark = pytest.mark.e2e
-
-
-def dvc(repo: Path, *args: str) -> str:
-    return run([sys.executable, "-m", "dvc", *args], repo).stdout
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
@@ -24,9 +19,7 @@ def snapshot(folder: Path) -> dict[str, bytes]:
     }
 
 
-def test_push_then_pull_restores_outputs(tmp_path: Path, tiny_archive) -> None:
-    repo = copy_project(tmp_path / "project")
-    dvc(repo, "config", "--local", "core.site_cache_dir", str(tmp_path / "site-cache"))
+def test_push_then_pull_restores_outputs(repo: Path, tmp_path: Path, tiny_archive) -> None:
     remote = tmp_path / "remote"
     dvc(repo, "remote", "add", "-d", "-f", "local", str(remote))
     write_params(repo / "params.yaml", "experiment=smoke", *archive_overrides(*tiny_archive))
