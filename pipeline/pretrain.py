@@ -141,9 +141,11 @@ def main() -> None:
     trainer_params = load_section("trainer", TrainerParams)
     seed = load_seed()
     tracking = StageRun("pretrain")  # fails now, not after training, if unreachable
-    result = run(model_params, params, trainer_params, seed)
+    logger = tracking.lightning_logger()  # curves per step, in this stage's MLflow run
+    extra = {"logger": logger} if logger else {}
+    result = run(model_params, params, trainer_params, seed, **extra)
     if result is not None:  # rank 0 only
-        tracking.log(sections, result, [REPORT], curves=CURVES)
+        tracking.log(sections, result, [REPORT, CURVES])
 
 
 if __name__ == "__main__":

@@ -96,25 +96,6 @@ def pipeline_run_id(commit: str, params_text: str, exp_name: str) -> str:
     return hashlib.sha256(f"{commit}\n{exp_name}\n{params_text}".encode()).hexdigest()[:16]
 
 
-def curve_metrics(folder: Path) -> list:  # -> list[Metric]
-    """Per-step metrics from ``<folder>/<name>.csv`` files (``step`` column + values)."""
-    import csv
-
-    from mlflow.entities import Metric
-
-    metrics = []
-    for path in sorted(Path(folder).glob("*.csv")):
-        with path.open(encoding="utf-8") as fh:
-            for row in csv.DictReader(fh):
-                step = int(float(row.pop("step")))
-                metrics += [
-                    Metric(mlflow_key(f"{path.stem}.{k}"), float(v), 0, step)
-                    for k, v in row.items()
-                    if v not in ("", None)
-                ]
-    return metrics
-
-
 class StageRun:
     """One MLflow run for one stage; a no-op when tracking is disabled."""
 
@@ -129,6 +110,7 @@ class StageRun:
         self.uri = resolve_uri(self.params, env, Path.cwd())
         self.root = project_root(Path.cwd(), env)
         self._client = self._connect()
+        self.run_id: str | None = None
 
     def _connect(self):  # -> MlflowClient
         """Fail now, before any work, when the store cannot be reached."""
@@ -170,6 +152,33 @@ class StageRun:
         tags.update({f"input.{name}": digest for name, digest in inputs.items()})
         return tags
 
+    def _create_run(self, model: str | None = None, inputs: Mapping[str, str] | None = None):
+        exp_name = os.environ.get("DVC_EXP_NAME")
+        tags = self.tags(inputs or {}) | ({"model": model} if model else {})
+        name = f"{self.stage}/{model}" if model else self.stage
+        run = self._client.create_run(
+            self.experiment_id, tags=tags, run_name=f"{name} ({exp_name})" if exp_name else name
+        )
+        return run.info.run_id
+
+    def lightning_logger(self):  # -> MLFlowLogger | None
+        """Lightning's MLFlowLogger writing the training curves into this stage's run.
+
+        The run is created now, before training; :meth:`log` completes it. Only the
+        launching process (rank 0) tracks: DDP workers started by Lightning get ``None``.
+        """
+        if not self.enabled or os.environ.get("LOCAL_RANK", "0") != "0":
+            return None
+        from lightning.pytorch.loggers import MLFlowLogger
+
+        self.run_id = self._create_run()
+        return MLFlowLogger(
+            experiment_name=self.params.experiment,
+            tracking_uri=self.uri,  # its default is file:./mlruns, never the project store
+            run_id=self.run_id,
+            log_model=False,
+        )
+
     def log(
         self,
         sections: list[str],
@@ -178,31 +187,26 @@ class StageRun:
         inputs: Mapping[str, str] | None = None,
         all_params: bool = False,
         model: str | None = None,
-        curves: Path | None = None,
     ) -> str | None:
         """Record the finished stage: its params sections, metrics, reports and tags.
 
         ``model`` names the model a run is about (one evaluate run per model, so the UI's
-        runs table has one comparable row per model). ``curves`` is a folder of CSVs with a
-        ``step`` column (training curves): every other column is logged per step, so the
-        UI draws the curves.
+        runs table has one comparable row per model).
         """
         if not self.enabled:
             return None
         params = read_params(self.params_path)
         logged = params if all_params else {s: params[s] for s in sections if s in params}
-        exp_name = os.environ.get("DVC_EXP_NAME")
-        tags = self.tags(inputs or {}) | ({"model": model} if model else {})
-        name = f"{self.stage}/{model}" if model else self.stage
-        run = self._client.create_run(
-            self.experiment_id, tags=tags, run_name=f"{name} ({exp_name})" if exp_name else name
-        )
-        run_id = run.info.run_id
+        if self.run_id is not None:  # created for the Lightning logger
+            run_id = self.run_id
+            for key, value in self.tags(inputs or {}).items():
+                self._client.set_tag(run_id, key, value)
+        else:
+            run_id = self._create_run(model, inputs)
         from mlflow.entities import Metric, Param
 
         flat = [Param(mlflow_key(k), str(v)[:6000]) for k, v in flatten(logged).items()]
         values = [Metric(k, v, 0, 0) for k, v in numeric_metrics(metrics).items()]
-        values += curve_metrics(curves) if curves is not None else []
         for i in range(0, max(len(flat), len(values), 1), 100):  # the API's batch limit
             self._client.log_batch(run_id, metrics=values[i : i + 100], params=flat[i : i + 100])
         for path in artifacts:

@@ -337,8 +337,9 @@ class LossCurve(Callback):
 def build_trainer(
     tp: TrainerParams, run: TrainParams, callbacks: list[Callback], **overrides: Any
 ) -> L.Trainer:
-    """A Trainer from the two sections; no logger or checkpoint files (the stage writes its
-    own outputs atomically). ``overrides`` go straight to ``L.Trainer`` (tests)."""
+    """A Trainer from the two sections; no checkpoint files (the stage writes its own
+    outputs atomically). ``overrides`` go straight to ``L.Trainer`` (the stages pass their
+    MLflow ``logger`` this way; tests pass limits)."""
     if run.early_stop_patience is not None:
         monitor = next((cb for cb in callbacks if isinstance(cb, BestWeights)), None)
         key, mode = (monitor.monitor, monitor.mode) if monitor else ("val_loss", "min")
@@ -359,7 +360,7 @@ def build_trainer(
         "gradient_clip_val": run.grad_clip,
         "accumulate_grad_batches": run.accumulate,
         "callbacks": callbacks,
-        "logger": False,
+        "logger": False,  # or the stage's MLFlowLogger, through ``overrides``
         "enable_checkpointing": False,
         "enable_progress_bar": tp.progress_bar,
         "log_every_n_steps": tp.log_every_n_steps,

@@ -166,3 +166,21 @@ def test_stage_logs_to_a_real_tracking_server(workdir: Path, mlflow_server: str)
     tags = {t["key"]: t["value"] for t in runs[0]["data"]["tags"]}
     metrics = {m["key"]: m["value"] for m in runs[0]["data"]["metrics"]}
     assert tags["stage"] == "fetch" and metrics["documents.total"] == 180
+
+
+def test_training_stage_logs_curves_through_lightning(workdir: Path, tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path}/train.db"
+    for stage in ("fetch", "tokenize", "pretrain"):
+        proc = run_stage(stage, workdir, MLFLOW_TRACKING_URI=uri)
+        assert proc.returncode == 0, proc.stderr
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name("newsgroups-pipeline")
+    runs = client.search_runs([experiment.experiment_id], "tags.stage = 'pretrain'")
+    assert len(runs) == 1  # the logger's run and the stage's run are one
+    run = runs[0]
+    history = client.get_metric_history(run.info.run_id, "train_loss")
+    assert len(history) >= 2 and len({m.step for m in history}) == len(history)
+    assert len(client.get_metric_history(run.info.run_id, "val_loss")) >= 2
+    assert run.data.params["pretrain.max_steps"] == "20" and "perplexity" in str(run.data.metrics)
+    assert run.info.status == "FINISHED"
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"pretrain.json", "pretrain"}
