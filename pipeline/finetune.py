@@ -26,7 +26,6 @@ import pandas as pd
 import torch
 from pydantic import model_validator
 
-from pipeline.config import load_section, load_seed
 from pipeline.data import (
     ClassifyCollator,
     DocumentTokens,
@@ -50,7 +49,6 @@ from pipeline.model import (
 )
 from pipeline.predictions import make_table
 from pipeline.schemas import GROUPS, LOGIT_COLUMNS, PREDICTION_SPLITS, Predictions, validate
-from pipeline.tracking import StageRun
 from pipeline.training import (
     BestWeights,
     ClassifierModule,
@@ -61,6 +59,7 @@ from pipeline.training import (
     maybe_compile,
     predict_logits,
     say,
+    training_stage_main,
     write_curve,
 )
 
@@ -268,17 +267,7 @@ def run(
 
 
 def main() -> None:
-    sections = ["seed", "model", "finetune", "trainer"]
-    model_params = load_section("model", ModelParams)
-    params = load_section("finetune", FinetuneParams)
-    trainer_params = load_section("trainer", TrainerParams)
-    seed = load_seed()
-    tracking = StageRun("finetune")  # fails now, not after training, if unreachable
-    logger = tracking.lightning_logger()  # curves per step, in this stage's MLflow run
-    extra = {"logger": logger} if logger else {}
-    result = run(model_params, params, trainer_params, seed, **extra)
-    if result is not None:  # rank 0 only
-        tracking.log(sections, result, [REPORT, CURVES])
+    training_stage_main("finetune", FinetuneParams, run, REPORT, CURVES)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ from typing import Any
 import lightning.pytorch as L
 from pydantic import model_validator
 
-from pipeline.config import load_section, load_seed
 from pipeline.data import MLMCollator, TokenizedDataModule, load_splits, load_vocab_size
 from pipeline.errors import run_stage
 from pipeline.io import atomic_outputs, write_json
@@ -34,7 +33,6 @@ from pipeline.model import (
     save_model,
 )
 from pipeline.schemas import GROUPS
-from pipeline.tracking import StageRun
 from pipeline.training import (
     LossCurve,
     MLMModule,
@@ -43,6 +41,7 @@ from pipeline.training import (
     build_trainer,
     maybe_compile,
     say,
+    training_stage_main,
     write_curve,
 )
 
@@ -135,17 +134,7 @@ def run(
 
 
 def main() -> None:
-    sections = ["seed", "model", "pretrain", "trainer"]
-    model_params = load_section("model", ModelParams)
-    params = load_section("pretrain", PretrainParams)
-    trainer_params = load_section("trainer", TrainerParams)
-    seed = load_seed()
-    tracking = StageRun("pretrain")  # fails now, not after training, if unreachable
-    logger = tracking.lightning_logger()  # curves per step, in this stage's MLflow run
-    extra = {"logger": logger} if logger else {}
-    result = run(model_params, params, trainer_params, seed, **extra)
-    if result is not None:  # rank 0 only
-        tracking.log(sections, result, [REPORT, CURVES])
+    training_stage_main("pretrain", PretrainParams, run, REPORT, CURVES)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
@@ -426,3 +427,29 @@ def _fmt(value: float | None) -> str:
     if value is None:
         return ""
     return str(int(value)) if float(value).is_integer() and abs(value) < 2**53 else f"{value:.6g}"
+
+
+def training_stage_main(
+    stage: str,
+    params_cls: type[Section],
+    run: Callable[..., dict[str, Any] | None],
+    report: Path,
+    curves: Path,
+) -> None:
+    """The thin ``main()`` of ``pretrain`` and ``finetune``: read the ``model``, stage and
+    ``trainer`` sections, connect to MLflow before training (an unreachable server fails
+    now, not after), train with Lightning's MLflow logger, then complete the stage's run."""
+    from pipeline.config import load_section, load_seed
+    from pipeline.model import ModelParams
+    from pipeline.tracking import StageRun
+
+    model_params = load_section("model", ModelParams)
+    params = load_section(stage, params_cls)
+    trainer_params = load_section("trainer", TrainerParams)
+    seed = load_seed()
+    tracking = StageRun(stage)
+    logger = tracking.lightning_logger()  # curves per step, in this stage's MLflow run
+    extra = {"logger": logger} if logger else {}
+    result = run(model_params, params, trainer_params, seed, **extra)
+    if result is not None:  # rank 0 only
+        tracking.log(["seed", "model", stage, "trainer"], result, [report, curves])
