@@ -148,3 +148,22 @@ def ran(output: str) -> set[str]:
 
 def read_json(path: Path) -> dict:
     return json.loads(path.read_text(encoding="utf-8"))
+
+
+def stage_files(workdir: Path) -> set[Path]:
+    """Files a stage run left in ``workdir`` (its params.yaml aside)."""
+    return {p for p in workdir.rglob("*") if p.is_file() and p.name != "params.yaml"}
+
+
+def assert_failed_cleanly(
+    proc, workdir: Path, *fragments: str, before: frozenset[Path] | set[Path] = frozenset()
+) -> None:
+    """Exit 1, one `error:` line naming the problem, no traceback, no new files."""
+    assert proc.returncode == 1, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: "), proc.stderr
+    for fragment in fragments:
+        assert fragment in last, (fragment, last)
+    assert "Traceback" not in proc.stderr
+    after = stage_files(workdir)
+    assert after == set(before), sorted(after ^ set(before))

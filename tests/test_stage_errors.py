@@ -8,18 +8,13 @@ from pathlib import Path
 import pytest
 
 from pipeline.io import sha256_file
-from tests.helpers import archive_overrides, build_archive, run_stage, write_params
-
-
-def _assert_failed_cleanly(proc, workdir: Path, *fragments: str) -> None:
-    assert proc.returncode == 1, proc.stderr
-    last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: "), proc.stderr
-    for fragment in fragments:
-        assert fragment in last, (fragment, last)
-    assert "Traceback" not in proc.stderr
-    leftovers = [p for p in workdir.rglob("*") if p.is_file() and p.name != "params.yaml"]
-    assert leftovers == [], leftovers
+from tests.helpers import (
+    archive_overrides,
+    assert_failed_cleanly,
+    build_archive,
+    run_stage,
+    write_params,
+)
 
 
 @pytest.fixture
@@ -44,19 +39,19 @@ def test_corrupt_archive(workdir: Path, tiny_archive, tmp_path: Path) -> None:
     broken.write_bytes(data[: len(data) * 2 // 3])
     sha = sha256_file(broken)
     write_params(workdir / "params.yaml", "experiment=smoke", *archive_overrides(broken, sha))
-    _assert_failed_cleanly(run_stage("fetch", workdir), workdir, "broken.tar.gz", "corrupt")
+    assert_failed_cleanly(run_stage("fetch", workdir), workdir, "broken.tar.gz", "corrupt")
 
 
 def test_wrong_checksum(workdir: Path, tiny_archive) -> None:
     path, _ = tiny_archive
     write_params(workdir / "params.yaml", "experiment=smoke", *archive_overrides(path, "a" * 64))
-    _assert_failed_cleanly(run_stage("fetch", workdir), workdir, "checksum mismatch")
+    assert_failed_cleanly(run_stage("fetch", workdir), workdir, "checksum mismatch")
 
 
 def test_missing_archive_from_environment(workdir: Path) -> None:
     write_params(workdir / "params.yaml", "experiment=smoke")
     proc = run_stage("fetch", workdir, NEWSGROUPS_ARCHIVE=str(workdir / "nope.tar.gz"))
-    _assert_failed_cleanly(proc, workdir, "nope.tar.gz", "$NEWSGROUPS_ARCHIVE", "not found")
+    assert_failed_cleanly(proc, workdir, "nope.tar.gz", "$NEWSGROUPS_ARCHIVE", "not found")
 
 
 def test_member_escaping_the_archive(workdir: Path, tmp_path: Path) -> None:
@@ -65,7 +60,7 @@ def test_member_escaping_the_archive(workdir: Path, tmp_path: Path) -> None:
     path = tmp_path / "evil.tar.gz"
     sha = build_archive(path, n_train=2, n_test=1, extra=[evil])
     write_params(workdir / "params.yaml", "experiment=smoke", *archive_overrides(path, sha))
-    _assert_failed_cleanly(run_stage("fetch", workdir), workdir, "unsafe archive member")
+    assert_failed_cleanly(run_stage("fetch", workdir), workdir, "unsafe archive member")
     assert not (tmp_path / "outside").exists()
 
 
@@ -82,11 +77,9 @@ def test_invalid_params(workdir: Path, tiny_archive, stage: str, override: str, 
     write_params(
         workdir / "params.yaml", "experiment=smoke", override, *archive_overrides(*tiny_archive)
     )
-    _assert_failed_cleanly(run_stage(stage, workdir), workdir, "params.yaml", fragment)
+    assert_failed_cleanly(run_stage(stage, workdir), workdir, "params.yaml", fragment)
 
 
 def test_tokenize_without_fetch_output(workdir: Path) -> None:
     write_params(workdir / "params.yaml", "experiment=smoke")
-    _assert_failed_cleanly(
-        run_stage("tokenize", workdir), workdir, "documents.parquet", "not found"
-    )
+    assert_failed_cleanly(run_stage("tokenize", workdir), workdir, "documents.parquet", "not found")

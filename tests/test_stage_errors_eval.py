@@ -9,26 +9,16 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from tests.helpers import archive_overrides, run_stage, write_params
+from tests.helpers import (
+    archive_overrides,
+    assert_failed_cleanly,
+    run_stage,
+    stage_files,
+    write_params,
+)
 
 # These tests exercise calibrate/evaluate on the baseline alone (no transformer stages).
 BASELINE_ONLY = ("experiment=smoke", "calibrate.models=[baseline]")
-
-
-def _assert_failed_cleanly(proc, workdir: Path, before: set[Path], *fragments: str) -> None:
-    """Exit 1, one `error:` line naming the problem, no traceback, no new files."""
-    assert proc.returncode == 1, proc.stderr
-    last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: "), proc.stderr
-    for fragment in fragments:
-        assert fragment in last, (fragment, last)
-    assert "Traceback" not in proc.stderr
-    after = {p for p in workdir.rglob("*") if p.is_file() and p.name != "params.yaml"}
-    assert after == before, sorted(after ^ before)
-
-
-def _files(workdir: Path) -> set[Path]:
-    return {p for p in workdir.rglob("*") if p.is_file() and p.name != "params.yaml"}
 
 
 @pytest.fixture(scope="module")
@@ -81,14 +71,16 @@ def test_invalid_params(workdir: Path, tiny_archive, stage: str, override: str, 
     write_params(
         workdir / "params.yaml", *BASELINE_ONLY, override, *archive_overrides(*tiny_archive)
     )
-    before = _files(workdir)
-    _assert_failed_cleanly(run_stage(stage, workdir), workdir, before, "params.yaml", fragment)
+    before = stage_files(workdir)
+    assert_failed_cleanly(
+        run_stage(stage, workdir), workdir, "params.yaml", fragment, before=before
+    )
 
 
 def test_baseline_without_documents(tmp_path: Path) -> None:
     write_params(tmp_path / "params.yaml", *BASELINE_ONLY)
     proc = run_stage("baseline", tmp_path)
-    _assert_failed_cleanly(proc, tmp_path, set(), "documents.parquet", "not found")
+    assert_failed_cleanly(proc, tmp_path, "documents.parquet", "not found")
 
 
 def test_calibrate_a_model_without_predictions(workdir: Path, tiny_archive) -> None:
@@ -98,13 +90,13 @@ def test_calibrate_a_model_without_predictions(workdir: Path, tiny_archive) -> N
         "calibrate.models=[baseline,transformer]",
         *archive_overrides(*tiny_archive),
     )
-    before = _files(workdir)
-    _assert_failed_cleanly(
+    before = stage_files(workdir)
+    assert_failed_cleanly(
         run_stage("calibrate", workdir),
         workdir,
-        before,
         "data/predictions/transformer/predictions.parquet",
         "not found",
+        before=before,
     )
 
 
@@ -112,9 +104,9 @@ def test_predictions_on_other_documents(workdir: Path) -> None:
     path = workdir / "data/predictions/baseline/predictions.parquet"
     preds = pd.read_parquet(path)
     preds.iloc[:-1].to_parquet(path, index=False)  # one test document missing
-    before = _files(workdir)
-    _assert_failed_cleanly(
-        run_stage("calibrate", workdir), workdir, before, "ids do not match", "test document"
+    before = stage_files(workdir)
+    assert_failed_cleanly(
+        run_stage("calibrate", workdir), workdir, "ids do not match", "test document", before=before
     )
 
 
@@ -123,24 +115,28 @@ def test_corrupt_predictions_schema(workdir: Path) -> None:
     preds = pd.read_parquet(path)
     preds.loc[0, "logit_0"] = float("inf")
     preds.to_parquet(path, index=False)
-    before = _files(workdir)
+    before = stage_files(workdir)
     proc = run_stage("calibrate", workdir)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert "failed 1 check(s) of Predictions" in proc.stderr and "finite" in proc.stderr
-    assert _files(workdir) == before
+    assert stage_files(workdir) == before
 
 
 def test_evaluate_without_calibrators(workdir: Path) -> None:
-    before = _files(workdir)
-    _assert_failed_cleanly(
-        run_stage("evaluate", workdir), workdir, before, "data/models/calibrator", "not found"
+    before = stage_files(workdir)
+    assert_failed_cleanly(
+        run_stage("evaluate", workdir),
+        workdir,
+        "data/models/calibrator",
+        "not found",
+        before=before,
     )
 
 
 def test_evaluate_with_a_missing_predictions_file(workdir: Path) -> None:
     assert run_stage("calibrate", workdir).returncode == 0
     (workdir / "data/predictions/baseline/predictions.parquet").unlink()
-    before = _files(workdir)
-    _assert_failed_cleanly(
-        run_stage("evaluate", workdir), workdir, before, "predictions.parquet", "not found"
+    before = stage_files(workdir)
+    assert_failed_cleanly(
+        run_stage("evaluate", workdir), workdir, "predictions.parquet", "not found", before=before
     )
