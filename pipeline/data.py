@@ -5,7 +5,7 @@ documents: ``id`` (str), ``label`` (int64), ``input_ids`` (int32, no special tok
 truncation). Each split is loaded once into two flat numpy arrays (token values and
 offsets), which makes row access free and forks cheaply into DataLoader workers.
 
-Randomness (MLM windows and masks) comes from torch's RNG: the global one in training,
+Randomness (LM windows and MLM masks) comes from torch's RNG: the global one in training,
 which Lightning's ``seed_everything(workers=True)`` and the loader's seeded generator make
 repeatable in every worker, and a per-batch generator derived from the first document's
 index when a fixed ``seed`` is given (validation), so the held-out loss is measured on
@@ -171,14 +171,24 @@ def mask_tokens(
     return masked, labels
 
 
+def next_token_labels(input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    """Causal-LM labels: position t is labelled with token t + 1 (-100 where that is
+    padding or past the end), so the loss never asks a position to predict itself."""
+    labels = torch.full_like(input_ids, IGNORE)
+    labels[:, :-1] = torch.where(attention_mask[:, 1:], input_ids[:, 1:], IGNORE)
+    return labels
+
+
 @dataclass
-class MLMCollator:
-    """Random windows of ``max_len - 2`` tokens from each document, wrapped and masked."""
+class LMCollator:
+    """Random windows of ``max_len - 2`` tokens from each document, wrapped, then masked
+    (``objective="mlm"``) or labelled with the next token (``"clm"``)."""
 
     max_len: int
     vocab_size: int
     mask_rate: float = 0.15
     seed: int | None = None  # fixed windows and masks (validation); None: training RNG
+    objective: Literal["mlm", "clm"] = "mlm"
 
     def __call__(self, batch: list[Example]) -> dict[str, Tensor]:
         gen = _generator(self.seed, batch)
@@ -189,6 +199,9 @@ class MLMCollator:
             start = int(torch.randint(0, n - body + 1, (1,), generator=gen)) if n > body else 0
             seqs.append(wrap(ex.tokens[start : start + body]))
         ids, attention_mask = pad_sequences(seqs)
+        if self.objective == "clm":
+            labels = next_token_labels(ids, attention_mask)
+            return {"input_ids": ids, "attention_mask": attention_mask, "labels": labels}
         masked, labels = mask_tokens(ids, self.vocab_size, self.mask_rate, gen)
         return {"input_ids": masked, "attention_mask": attention_mask, "labels": labels}
 
@@ -265,8 +278,8 @@ class TokenizedDataModule(L.LightningDataModule):
         self,
         splits: dict[str, DocumentTokens],
         *,
-        train_collate: MLMCollator | ClassifyCollator,
-        eval_collate: MLMCollator | ClassifyCollator,
+        train_collate: LMCollator | ClassifyCollator,
+        eval_collate: LMCollator | ClassifyCollator,
         batch_size: int,
         eval_batch_size: int | None = None,
         num_workers: int = 0,

@@ -1,7 +1,7 @@
 """A compact transformer encoder on plain torch modules, its MLM head and the classifier.
 
 Plain modules rather than a model library keep every shape and default visible and let
-the same weights move between pretraining (:class:`MaskedLM`) and fine-tuning
+the same weights move between pretraining (:class:`LanguageModel`) and fine-tuning
 (:class:`Classifier`) through one ``state_dict`` prefix (``encoder.``).
 
 How the classifier sees a long document (``finetune.long_doc``, implemented by the
@@ -38,6 +38,7 @@ from pipeline.errors import PipelineError
 from pipeline.io import write_json
 
 Positions = Literal["learned", "rotary"]
+Objective = Literal["mlm", "clm"]
 TokenPooling = Literal["mean", "cls"]
 ChunkPooling = Literal["mean", "max"]
 
@@ -135,8 +136,9 @@ class Encoder(nn.Module):
             for lin in (block.proj, block.ff_out):
                 nn.init.normal_(lin.weight, std=0.02 / math.sqrt(2 * p.n_layers))
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        """Hidden states (N, T, d_model) for ``input_ids`` (N, T) with a bool padding mask."""
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, causal: bool = False) -> Tensor:
+        """Hidden states (N, T, d_model) for ``input_ids`` (N, T) with a bool padding mask;
+        ``causal``: position t attends to positions <= t only (causal-LM pretraining)."""
         t = input_ids.shape[1]
         if t > self.params.max_len:
             raise ValueError(f"sequence length {t} exceeds max_len={self.params.max_len}")
@@ -147,6 +149,10 @@ class Encoder(nn.Module):
         # Keys that are padding are hidden from every query; None lets SDPA take its
         # fastest path when nothing is padded.
         attn_mask = None if bool(attention_mask.all()) else attention_mask[:, None, None, :]
+        if causal:
+            # Right padding: every query still sees position 0, so no row is all-masked.
+            past = torch.ones(t, t, dtype=torch.bool, device=input_ids.device).tril()
+            attn_mask = past if attn_mask is None else attn_mask & past
         for block in self.blocks:
             x = block(x, attn_mask)
         return self.norm(x)
@@ -178,21 +184,28 @@ class MLMHead(nn.Module):
         return F.linear(self.norm(F.gelu(self.dense(hidden))), embedding, self.bias)
 
 
-class MaskedLM(nn.Module):
-    """Encoder + MLM head whose output projection is the (tied) token embedding."""
+class LanguageModel(nn.Module):
+    """Encoder + LM head whose output projection is the (tied) token embedding.
 
-    def __init__(self, p: ModelParams, vocab_size: int) -> None:
+    ``objective``: ``mlm`` (bidirectional attention, labels on masked positions) or
+    ``clm`` (causal attention, each position labelled with the next token). Either way
+    the encoder's weights are what ``finetune`` loads; the classifier always attends
+    both ways.
+    """
+
+    def __init__(self, p: ModelParams, vocab_size: int, objective: Objective = "mlm") -> None:
         super().__init__()
+        self.objective: Objective = objective
         self.encoder = Encoder(p, vocab_size)
         self.head = MLMHead(p.d_model, vocab_size)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor) -> Tensor:
         """Mean cross-entropy over the positions whose label is not -100.
 
-        The vocabulary projection runs only on those positions (about 15% of tokens):
-        with a 16k vocabulary it would otherwise dominate the step time.
+        The vocabulary projection runs only on those positions (about 15% of tokens for
+        MLM): with a 16k vocabulary it would otherwise dominate the step time.
         """
-        hidden = self.encoder(input_ids, attention_mask)
+        hidden = self.encoder(input_ids, attention_mask, causal=self.objective == "clm")
         selected = labels != -100
         logits = self.head(hidden[selected], self.encoder.tok_emb.weight)
         if logits.shape[0] == 0:  # nothing masked: a zero loss that keeps the graph (DDP)

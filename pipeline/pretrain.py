@@ -1,9 +1,11 @@
-"""Stage `pretrain`: masked-language-model pretraining of the encoder on the train split.
+"""Stage `pretrain`: language-model pretraining of the encoder on the train split.
 
 Reads ``data/tokenized`` (train to learn, validation for a held-out loss; test is never
 read) and ``data/tokenizer/tokenizer.json`` (vocabulary size). Each training document
-contributes a random window of ``model.max_len - 2`` tokens per epoch with fresh dynamic
-masks; validation uses fixed windows and masks so its loss is comparable across steps.
+contributes a random window of ``model.max_len - 2`` tokens per epoch. ``objective``:
+``mlm`` (default) predicts dynamically masked tokens with bidirectional attention;
+``clm`` predicts every next token with causal attention. Validation uses fixed windows
+(and masks) so its loss is comparable across steps.
 
 Outputs (all written atomically after training, by global rank 0 only):
 ``data/models/pretrained/`` (``model.safetensors`` with the encoder and MLM head,
@@ -21,12 +23,13 @@ from typing import Any
 import lightning.pytorch as L
 from pydantic import model_validator
 
-from pipeline.data import MLMCollator, TokenizedDataModule, load_splits, load_vocab_size
+from pipeline.data import LMCollator, TokenizedDataModule, load_splits, load_vocab_size
 from pipeline.errors import run_stage
 from pipeline.io import atomic_outputs, write_json
 from pipeline.model import (
-    MaskedLM,
+    LanguageModel,
     ModelParams,
+    Objective,
     encoder_config,
     format_parameter_counts,
     parameter_counts,
@@ -34,8 +37,8 @@ from pipeline.model import (
 )
 from pipeline.schemas import GROUPS
 from pipeline.training import (
+    LMModule,
     LossCurve,
-    MLMModule,
     TrainerParams,
     TrainParams,
     build_trainer,
@@ -53,9 +56,10 @@ CURVES = Path("reports/pretrain")
 
 
 class PretrainParams(TrainParams):
-    """Section ``pretrain``: the optimizer/budget fields of TrainParams plus masking."""
+    """Section ``pretrain``: the optimizer/budget fields of TrainParams plus the objective."""
 
-    mask_rate: float = 0.15
+    objective: Objective = "mlm"
+    mask_rate: float = 0.15  # mlm only
 
     @model_validator(mode="after")
     def _check_mask_rate(self) -> PretrainParams:
@@ -81,21 +85,26 @@ def run(
     L.seed_everything(seed, workers=True, verbose=False)
     vocab_size = load_vocab_size(tokenizer)
     splits = load_splits(tokenized, vocab_size, len(GROUPS), ("train", "validation"))
-    model = MaskedLM(model_params, vocab_size)
+    model = LanguageModel(model_params, vocab_size, params.objective)
     counts = parameter_counts(model)
-    say(f"pretrain: masked LM with {format_parameter_counts(counts)}")
+    kind = {"mlm": "masked", "clm": "causal"}[params.objective]
+    say(f"pretrain: {kind} LM with {format_parameter_counts(counts)}")
 
-    collate = MLMCollator(model_params.max_len, vocab_size, params.mask_rate)
+    def collate(seed: int | None) -> LMCollator:
+        return LMCollator(
+            model_params.max_len, vocab_size, params.mask_rate, seed, params.objective
+        )
+
     data = TokenizedDataModule(
         splits,
-        train_collate=collate,
-        eval_collate=MLMCollator(model_params.max_len, vocab_size, params.mask_rate, seed=seed),
+        train_collate=collate(None),
+        eval_collate=collate(seed),
         batch_size=params.batch_size,
         eval_batch_size=params.eval_batch_size,
         num_workers=trainer_params.num_workers,
         seed=seed,
     )
-    module = MLMModule(model, params)
+    module = LMModule(model, params)
     curve = LossCurve(every=trainer_params.log_every_n_steps)
     trainer = build_trainer(trainer_params, params, [curve], **trainer_overrides)
     start = time.perf_counter()
@@ -111,6 +120,7 @@ def run(
     result = {
         "val_loss": round(val_loss, 6),
         "val_perplexity": round(math.exp(min(val_loss, 700.0)), 4),
+        "objective": params.objective,
         "steps": trainer.global_step,
         "epochs": trainer.current_epoch,
         "train_minutes": round(seconds / 60, 3),
@@ -119,7 +129,9 @@ def run(
         "parameters": counts,
     }
     with atomic_outputs() as out:
-        config = encoder_config(model_params, vocab_size, architecture="MaskedLM", objective="mlm")
+        config = encoder_config(
+            model_params, vocab_size, architecture="LanguageModel", objective=params.objective
+        )
         save_model(model, out.dir(out_model), config)
         curve_dir = out.dir(curves)
         write_curve(curve_dir / "train.csv", curve.train)

@@ -3,7 +3,7 @@
 - :class:`TrainerParams` (the ``trainer`` section: device, strategy, precision) and
   :class:`TrainParams` (optimizer, schedule and budget, the common part of the
   ``pretrain`` and ``finetune`` sections).
-- :class:`MLMModule` and :class:`ClassifierModule`, thin LightningModules around the plain
+- :class:`LMModule` and :class:`ClassifierModule`, thin LightningModules around the plain
   torch models of :mod:`pipeline.model`.
 - AdamW with decoupled weight decay on matrices only, optional layer-wise LR decay, and a
   step-based warmup + cosine/linear schedule. The schedule's horizon is the step budget
@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader
 
 from pipeline.config import Section
 from pipeline.errors import PipelineError
-from pipeline.model import Classifier, MaskedLM
+from pipeline.model import Classifier, LanguageModel
 
 Precision = Literal["32-true", "bf16-mixed", "16-mixed", "bf16-true", "64-true"]
 Schedule = Literal["cosine", "linear", "constant"]
@@ -191,10 +191,10 @@ class _Base(L.LightningModule):
         self.last_train_loss = float(loss.detach())
 
 
-class MLMModule(_Base):
-    """Masked-language-model pretraining of :class:`pipeline.model.MaskedLM`."""
+class LMModule(_Base):
+    """Language-model pretraining (masked or causal) of :class:`pipeline.model.LanguageModel`."""
 
-    def __init__(self, model: MaskedLM, run: TrainParams) -> None:
+    def __init__(self, model: LanguageModel, run: TrainParams) -> None:
         super().__init__()
         self.model = model
         self.run = run

@@ -16,14 +16,15 @@ from pipeline.data import (
     SEP_ID,
     ClassifyCollator,
     Example,
-    MLMCollator,
+    LMCollator,
     mask_tokens,
+    next_token_labels,
     split_document,
 )
 from pipeline.model import (
     Classifier,
     Encoder,
-    MaskedLM,
+    LanguageModel,
     ModelParams,
     format_parameter_counts,
     parameter_counts,
@@ -66,7 +67,7 @@ def test_shapes(positions: str) -> None:
     chunk_mask = torch.tensor([[True, True], [True, False]])
     assert Classifier(p, VOCAB, 20)(ids, mask, chunk_mask).shape == (2, 20)
     labels = torch.where(mask, ids, torch.full_like(ids, IGNORE))
-    loss = MaskedLM(p, VOCAB)(ids, mask, labels)
+    loss = LanguageModel(p, VOCAB)(ids, mask, labels)
     assert loss.shape == () and torch.isfinite(loss)
     assert 0 < loss.item() < 2 * np.log(VOCAB)
 
@@ -92,6 +93,43 @@ def test_padding_does_not_change_pooled_output(positions: str, pooling: str) -> 
         alone = pool_tokens(enc(ids[1:2, :5], mask[1:2, :5]), mask[1:2, :5], pooling)
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(a[1:2], alone, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("positions", ["learned", "rotary"])
+def test_causal_attention_hides_later_tokens(positions: str) -> None:
+    torch.manual_seed(0)
+    enc = Encoder(params(positions=positions), VOCAB).eval()
+    ids, mask = batch()
+    changed = ids.clone()
+    changed[0, 6] = (ids[0, 6] + 1 - N_SPECIAL) % (VOCAB - N_SPECIAL) + N_SPECIAL
+    with torch.no_grad():
+        causal, causal_changed = enc(ids, mask, causal=True), enc(changed, mask, causal=True)
+        both_ways = enc(ids, mask)
+        both_ways_changed = enc(changed, mask)
+    torch.testing.assert_close(causal[0, :6], causal_changed[0, :6])
+    assert not torch.allclose(causal[0, 6:], causal_changed[0, 6:])
+    assert not torch.allclose(both_ways[0, :6], both_ways_changed[0, :6])  # the contrast
+    assert torch.isfinite(causal).all()  # the padded row has no all-masked query
+    # a causal prefix does not depend on padding or on what follows it
+    with torch.no_grad():
+        prefix = enc(ids[1:2, :3], mask[1:2, :3], causal=True)
+    torch.testing.assert_close(causal[1:2, :3], prefix, atol=1e-5, rtol=1e-5)
+
+
+def test_next_token_labels_and_clm_collator() -> None:
+    ids = torch.tensor([[CLS_ID, 7, 8, SEP_ID], [CLS_ID, 9, SEP_ID, PAD_ID]])
+    mask = ids != PAD_ID
+    assert next_token_labels(ids, mask).tolist() == [
+        [7, 8, SEP_ID, IGNORE],
+        [9, SEP_ID, IGNORE, IGNORE],
+    ]
+    out = LMCollator(max_len=24, vocab_size=VOCAB, seed=3, objective="clm")(docs([100, 5]))
+    assert not (out["input_ids"] == MASK_ID).any()  # nothing is masked
+    assert torch.equal(out["labels"], next_token_labels(out["input_ids"], out["attention_mask"]))
+    loss = LanguageModel(params(), VOCAB, "clm")(
+        out["input_ids"], out["attention_mask"], out["labels"]
+    )
+    assert torch.isfinite(loss) and 0 < loss.item() < 2 * np.log(VOCAB)
 
 
 def test_classifier_is_invariant_to_other_documents_chunks() -> None:
@@ -162,7 +200,7 @@ def docs(lengths: list[int]) -> list[Example]:
 
 def test_mlm_collator_takes_windows_and_wraps_them() -> None:
     examples = docs([100, 5, 0, 22])
-    collate = MLMCollator(max_len=24, vocab_size=VOCAB, mask_rate=0.15, seed=3)
+    collate = LMCollator(max_len=24, vocab_size=VOCAB, mask_rate=0.15, seed=3)
     out = collate(examples)
     assert out["input_ids"].shape == (4, 24)
     assert out["attention_mask"].sum(1).tolist() == [24, 7, 2, 24]
@@ -178,7 +216,7 @@ def test_mlm_collator_takes_windows_and_wraps_them() -> None:
     assert all(torch.equal(out[k], again[k]) for k in out)
     # training mode (no seed): fresh windows from the global RNG
     torch.manual_seed(0)
-    train = MLMCollator(max_len=24, vocab_size=VOCAB)
+    train = LMCollator(max_len=24, vocab_size=VOCAB)
     starts = {tuple(train(examples[:1])["input_ids"][0, 1:4].tolist()) for _ in range(20)}
     assert len(starts) > 5
 
@@ -229,7 +267,7 @@ def test_parameter_counts() -> None:
     d, f = 32, 64
     block = 2 * 2 * d + (3 * d * d + 3 * d) + (d * d + d) + (d * f + f) + (f * d + d)
     encoder = VOCAB * d + 24 * d + 2 * block + 2 * d
-    counts = parameter_counts(MaskedLM(p, VOCAB))
+    counts = parameter_counts(LanguageModel(p, VOCAB))
     # the output projection is tied to the embedding: only dense, norm and bias are new
     assert counts["total"] == encoder + (d * d + d) + 2 * d + VOCAB
     assert counts["encoder.tok_emb"] == VOCAB * d

@@ -17,7 +17,7 @@ import yaml
 
 from pipeline.data import (
     ClassifyCollator,
-    MLMCollator,
+    LMCollator,
     TokenizedDataModule,
     load_splits,
     load_vocab_size,
@@ -25,13 +25,13 @@ from pipeline.data import (
 from pipeline.errors import PipelineError, run_stage
 from pipeline.finetune import FinetuneParams, build_classifier
 from pipeline.finetune import run as finetune
-from pipeline.model import Classifier, MaskedLM, ModelParams
+from pipeline.model import Classifier, LanguageModel, ModelParams
 from pipeline.pretrain import PretrainParams
 from pipeline.pretrain import run as pretrain
 from pipeline.schemas import GROUPS, LOGIT_COLUMNS, Predictions
 from pipeline.training import (
     ClassifierModule,
-    MLMModule,
+    LMModule,
     NonFiniteLossError,
     TrainerParams,
     WarmupDecay,
@@ -134,8 +134,8 @@ def without_timing(report: dict) -> dict:
 def test_fast_dev_run_mlm(corpus: Path) -> None:
     model_p, trainer_p = sections()
     run = PretrainParams(**PRETRAIN)
-    data = tiny_data(corpus, MLMCollator(16, VOCAB), MLMCollator(16, VOCAB, seed=0))
-    module = MLMModule(MaskedLM(model_p, VOCAB), run)
+    data = tiny_data(corpus, LMCollator(16, VOCAB), LMCollator(16, VOCAB, seed=0))
+    module = LMModule(LanguageModel(model_p, VOCAB), run)
     trainer = build_trainer(trainer_p, run, [], fast_dev_run=True)
     trainer.fit(module, datamodule=data)
     assert trainer.global_step == 1
@@ -194,6 +194,18 @@ def test_pretrain_then_finetune_write_their_outputs(project: Path) -> None:
     assert leftovers == []
 
 
+def test_causal_lm_pretraining_learns_and_feeds_finetune(project: Path) -> None:
+    model_p, trainer_p = sections()
+    pre = pretrain(model_p, PretrainParams(**{**PRETRAIN, "objective": "clm"}), trainer_p, 0)
+    assert pre is not None and pre["objective"] == "clm"
+    assert pre["val_loss"] < math.log(VOCAB)  # next tokens are partly predictable
+    config = json.loads(Path("data/models/pretrained/config.json").read_text())
+    assert config["objective"] == "clm"
+    params = FinetuneParams(**{**FINETUNE, "init": "pretrained", "max_epochs": 1})
+    result = finetune(model_p, params, trainer_p, 0)
+    assert result is not None and result["init"] == "pretrained" and result["steps"] > 0
+
+
 def test_finetune_loads_the_pretrained_encoder(project: Path) -> None:
     model_p, trainer_p = sections()
     pretrain(model_p, PretrainParams(**{**PRETRAIN, "max_steps": 2}), trainer_p, 0)
@@ -248,13 +260,13 @@ def test_two_seeded_runs_are_identical(project: Path, tmp_path_factory) -> None:
 def test_nan_loss_stops_training_with_a_clear_message(corpus: Path) -> None:
     model_p, trainer_p = sections()
     run = PretrainParams(**PRETRAIN)
-    data = tiny_data(corpus, MLMCollator(16, VOCAB), MLMCollator(16, VOCAB, seed=0))
-    model = MaskedLM(model_p, VOCAB)
+    data = tiny_data(corpus, LMCollator(16, VOCAB), LMCollator(16, VOCAB, seed=0))
+    model = LanguageModel(model_p, VOCAB)
     with torch.no_grad():
         model.encoder.tok_emb.weight[7] = float("nan")  # any batch holding token 7 is NaN
     trainer = build_trainer(trainer_p, run, [])
     with pytest.raises(NonFiniteLossError, match=r"training loss became nan at step 0"):
-        trainer.fit(MLMModule(model, run), datamodule=data)
+        trainer.fit(LMModule(model, run), datamodule=data)
 
 
 def test_diverging_finetune_writes_nothing(project: Path, capsys) -> None:

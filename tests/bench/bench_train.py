@@ -24,10 +24,10 @@ import torch
 import yaml
 from torch.utils.data import DataLoader
 
-from pipeline.data import MLMCollator, load_splits, load_vocab_size
-from pipeline.model import MaskedLM, ModelParams
+from pipeline.data import LMCollator, load_splits, load_vocab_size
+from pipeline.model import LanguageModel, ModelParams
 from pipeline.pretrain import PretrainParams
-from pipeline.training import MLMModule, TrainerParams, build_trainer, configure_adamw
+from pipeline.training import LMModule, TrainerParams, build_trainer, configure_adamw
 
 ROOT = Path(__file__).resolve().parents[2]
 OUT = Path("reports/bench/train.json")
@@ -40,11 +40,11 @@ def batches(p: ModelParams, n: int, batch_size: int) -> tuple[list[dict], int]:
     if tokenizer.is_file() and Path("data/tokenized").is_dir():
         vocab = load_vocab_size(tokenizer)
         train = load_splits("data/tokenized", vocab, 20, ("train",))["train"]
-        collate = MLMCollator(p.max_len, vocab, seed=0)
+        collate = LMCollator(p.max_len, vocab, seed=0)
         docs = [train[i] for i in range(n * batch_size)]
         return [collate(docs[i * batch_size : (i + 1) * batch_size]) for i in range(n)], vocab
     vocab = 16000
-    collate = MLMCollator(p.max_len, vocab, seed=0)
+    collate = LMCollator(p.max_len, vocab, seed=0)
     from pipeline.data import Example
 
     gen = torch.Generator().manual_seed(0)
@@ -71,7 +71,7 @@ class StepTimer(L.Callback):
 
 def run_lightning(p, vocab, data, run, trainer_p, warmup) -> float:
     L.seed_everything(0, verbose=False)
-    module = MLMModule(MaskedLM(p, vocab), run)
+    module = LMModule(LanguageModel(p, vocab), run)
     timer = StepTimer(warmup)
     trainer = build_trainer(
         trainer_p, run, [timer], limit_val_batches=0, enable_model_summary=False
@@ -83,7 +83,7 @@ def run_lightning(p, vocab, data, run, trainer_p, warmup) -> float:
 def run_bare(p, vocab, data, run, warmup) -> float:
     L.seed_everything(0, verbose=False)
     torch.use_deterministic_algorithms(True)  # as Trainer(deterministic=True) does
-    model = MaskedLM(p, vocab).train()
+    model = LanguageModel(p, vocab).train()
 
     class _Shim:  # configure_adamw reads the step budget from a trainer
         class trainer:
