@@ -238,13 +238,16 @@ class ClassifyCollator:
 
     Returns ``input_ids``/``attention_mask`` (N chunks, T), ``chunk_mask`` (B docs, C),
     True where document b has chunk c (chunks are listed in that row-major order),
-    ``labels`` (B,) and ``index`` (B,), the documents' row numbers in their split.
+    ``labels`` (B,) and ``index`` (B,), the documents' row numbers in their split. With
+    ``bag``, also the whole document's distinct tokens ``bag_ids`` (B, U, right-padded
+    with [PAD]) and their counts ``bag_counts`` (B, U, float, 0 on padding).
     """
 
     max_len: int
     strategy: LongDoc = "chunk"
     max_chunks: int = 4
     head_fraction: float = 0.25
+    bag: bool = False
 
     def __call__(self, batch: list[Example]) -> dict[str, Tensor]:
         per_doc = [
@@ -256,13 +259,28 @@ class ClassifyCollator:
         ids, attention_mask = pad_sequences([wrap(c) for chunks in per_doc for c in chunks])
         counts = torch.tensor([len(c) for c in per_doc])
         chunk_mask = torch.arange(int(counts.max()))[None, :] < counts[:, None]
-        return {
+        out = {
             "input_ids": ids,
             "attention_mask": attention_mask,
             "chunk_mask": chunk_mask,
             "labels": torch.tensor([ex.label for ex in batch], dtype=torch.long),
             "index": torch.tensor([ex.index for ex in batch], dtype=torch.long),
         }
+        if self.bag:
+            out["bag_ids"], out["bag_counts"] = bag_of_tokens([ex.tokens for ex in batch])
+        return out
+
+
+def bag_of_tokens(docs: list[np.ndarray]) -> tuple[Tensor, Tensor]:
+    """(distinct token ids, their counts) per document, right-padded with [PAD] / 0."""
+    pairs = [np.unique(d, return_counts=True) for d in docs]
+    width = max(1, max(len(u) for u, _ in pairs))
+    ids = torch.full((len(docs), width), PAD_ID, dtype=torch.long)
+    counts = torch.zeros(len(docs), width)
+    for row, (u, c) in enumerate(pairs):
+        ids[row, : len(u)] = torch.from_numpy(u.astype(np.int64))
+        counts[row, : len(c)] = torch.from_numpy(c.astype(np.float32))
+    return ids, counts
 
 
 class TokenizedDataModule(L.LightningDataModule):

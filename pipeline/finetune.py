@@ -46,6 +46,7 @@ from pipeline.model import (
     load_model_files,
     parameter_counts,
     save_model,
+    token_idf,
 )
 from pipeline.predictions import make_table
 from pipeline.schemas import GROUPS, LOGIT_COLUMNS, PREDICTION_SPLITS, Predictions, validate
@@ -88,6 +89,8 @@ class FinetuneParams(TrainParams):
     freeze_epochs: int = 0  # epochs in which only the head learns
     layer_lr_decay: float = 1.0  # < 1: lower layers get geometrically smaller LRs
     label_smoothing: float = 0.0  # off by default: it distorts the logits calibrate reads
+    bag: bool = False  # add a linear model over the whole document's TF-IDF bag of tokens
+    bag_lr: float | None = None  # its learning rate (None: lr)
     monitor: Literal["val_loss", "val_acc"] = "val_loss"
 
     @model_validator(mode="after")
@@ -102,6 +105,8 @@ class FinetuneParams(TrainParams):
             raise ValueError("head_fraction must be in [0, 1]")
         if self.freeze_epochs < 0:
             raise ValueError("freeze_epochs must be >= 0")
+        if self.bag_lr is not None and self.bag_lr <= 0:
+            raise ValueError("bag_lr must be positive")
         return self
 
 
@@ -119,6 +124,7 @@ def build_classifier(
         pooling=params.pooling,
         chunk_pooling=params.chunk_pooling,
         dropout=params.dropout,
+        bag=params.bag,
     )
     if params.init == "scratch":
         return model
@@ -186,11 +192,14 @@ def run(
     vocab_size = load_vocab_size(tokenizer)
     splits = load_splits(tokenized, vocab_size, N_CLASSES)
     model = build_classifier(model_params, params, vocab_size, pretrained)
+    if params.bag:
+        train = splits["train"]
+        model.set_idf(token_idf(train.values, train.offsets, vocab_size))
     counts = parameter_counts(model)
     say(f"finetune: classifier ({params.init} encoder) with {format_parameter_counts(counts)}")
 
     collate = ClassifyCollator(
-        model_params.max_len, params.long_doc, params.max_chunks, params.head_fraction
+        model_params.max_len, params.long_doc, params.max_chunks, params.head_fraction, params.bag
     )
     data = TokenizedDataModule(
         splits,
@@ -208,6 +217,7 @@ def run(
         label_smoothing=params.label_smoothing,
         freeze_epochs=params.freeze_epochs,
         layer_lr_decay=params.layer_lr_decay,
+        bag_lr=params.bag_lr,
     )
     best = BestWeights(params.monitor, "min" if params.monitor == "val_loss" else "max")
     curve = LossCurve(every=trainer_params.log_every_n_steps, val_keys=("val_loss", "val_acc"))
@@ -250,6 +260,7 @@ def run(
             long_doc=params.long_doc,
             max_chunks=params.max_chunks,
             head_fraction=params.head_fraction,
+            bag=params.bag,
         )
         save_model(model, out.dir(out_model), config)
         table.to_parquet(out.dir(out_predictions) / PREDICTIONS_FILE, index=False)

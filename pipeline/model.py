@@ -27,6 +27,7 @@ import math
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import model_validator
@@ -39,7 +40,7 @@ from pipeline.io import write_json
 
 Positions = Literal["learned", "rotary"]
 Objective = Literal["mlm", "clm"]
-TokenPooling = Literal["mean", "cls"]
+TokenPooling = Literal["mean", "max", "cls"]
 ChunkPooling = Literal["mean", "max"]
 
 
@@ -214,9 +215,14 @@ class LanguageModel(nn.Module):
 
 
 def pool_tokens(hidden: Tensor, attention_mask: Tensor, mode: TokenPooling) -> Tensor:
-    """One vector per sequence: the mean over real tokens, or the first ([CLS]) token."""
+    """One vector per sequence: the mean or the elementwise max over real tokens, or the
+    first ([CLS]) token. Max keeps a strong feature of a few tokens (a rare, telling word)
+    from being averaged away in a long window."""
     if mode == "cls":
         return hidden[:, 0]
+    if mode == "max":
+        pad = ~attention_mask.unsqueeze(-1)
+        return hidden.masked_fill(pad, torch.finfo(hidden.dtype).min).amax(1)
     mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
     return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
 
@@ -240,7 +246,16 @@ def pool_chunks(chunks: Tensor, chunk_mask: Tensor, mode: ChunkPooling) -> Tenso
 
 
 class Classifier(nn.Module):
-    """Encoder, token pooling, chunk pooling, dropout and a linear head."""
+    """Encoder, token pooling, chunk pooling, dropout and a linear head; with ``bag``, plus
+    a linear model over the whole document's TF-IDF bag of tokens (wide and deep).
+
+    The bag part sees every token of the document at almost no cost (one weight per token
+    and class), however long the document and whatever ``long_doc`` keeps for the
+    encoder: it memorises rare, telling tokens (senders, organisations) that a small
+    encoder learns slowly. Its inputs come from :class:`pipeline.data.ClassifyCollator`
+    (``bag_ids``, ``bag_counts``); the IDF weights are a buffer set from the train split
+    (:meth:`set_idf`), so they travel with the saved weights.
+    """
 
     def __init__(
         self,
@@ -251,6 +266,7 @@ class Classifier(nn.Module):
         pooling: TokenPooling = "mean",
         chunk_pooling: ChunkPooling = "mean",
         dropout: float = 0.1,
+        bag: bool = False,
     ) -> None:
         super().__init__()
         self.encoder = Encoder(p, vocab_size)
@@ -259,6 +275,15 @@ class Classifier(nn.Module):
         self.drop = nn.Dropout(dropout)
         self.head = nn.Linear(p.d_model, n_classes)
         _init_weights(self.head)
+        self.bag: nn.Embedding | None = None
+        if bag:
+            self.bag = nn.Embedding(vocab_size, n_classes)
+            nn.init.zeros_(self.bag.weight)  # starts as "no opinion"
+            self.register_buffer("idf", torch.ones(vocab_size))
+
+    def set_idf(self, idf: Tensor) -> None:
+        """Use these inverse document frequencies (one per token id) to weight the bag."""
+        self.idf.copy_(idf)
 
     def embed(self, input_ids: Tensor, attention_mask: Tensor, chunk_mask: Tensor) -> Tensor:
         """Document vectors (B, d_model) from the chunks of a batch."""
@@ -267,9 +292,52 @@ class Classifier(nn.Module):
             pool_tokens(hidden, attention_mask, self.pooling), chunk_mask, self.chunk_pooling
         )
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor, chunk_mask: Tensor) -> Tensor:
+    def classify(
+        self, doc: Tensor, bag_ids: Tensor | None = None, bag_counts: Tensor | None = None
+    ) -> Tensor:
+        """Class logits (B, n_classes) from document vectors and, with a bag part, the
+        document's distinct tokens ``bag_ids`` (B, U) and their counts (0 on padding)."""
+        logits = self.head(self.drop(doc))
+        if self.bag is None:
+            return logits
+        if bag_ids is None or bag_counts is None:
+            raise ValueError("this classifier has a bag-of-tokens part: pass bag_ids, bag_counts")
+        # Sublinear TF-IDF, L2-normalised per document (as the TF-IDF baseline weighs words).
+        tf = torch.where(bag_counts > 0, 1 + bag_counts.clamp(min=1).log(), 0.0)
+        weights = tf * self.idf[bag_ids]
+        weights = weights / weights.norm(dim=1, keepdim=True).clamp(min=1e-12)
+        return logits + (weights.unsqueeze(-1) * self.bag(bag_ids)).sum(1)
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        chunk_mask: Tensor,
+        bag_ids: Tensor | None = None,
+        bag_counts: Tensor | None = None,
+    ) -> Tensor:
         """Class logits (B, n_classes)."""
-        return self.head(self.drop(self.embed(input_ids, attention_mask, chunk_mask)))
+        doc = self.embed(input_ids, attention_mask, chunk_mask)
+        return self.classify(doc, bag_ids, bag_counts)
+
+
+BAG_KEYS = ("bag_ids", "bag_counts")  # the optional Classifier inputs a collator adds
+
+
+def model_inputs(batch: dict[str, Tensor], device: torch.device | None = None) -> dict[str, Tensor]:
+    """The keyword arguments of :meth:`Classifier.forward` found in a collated batch."""
+    keys = ("input_ids", "attention_mask", "chunk_mask", *BAG_KEYS)
+    return {k: batch[k].to(device) if device else batch[k] for k in keys if k in batch}
+
+
+def token_idf(values: np.ndarray, offsets: np.ndarray, vocab_size: int) -> Tensor:
+    """Smoothed IDF per token id, ``ln((1 + n) / (1 + df)) + 1`` (scikit-learn's), from
+    documents given as flat token values and offsets."""
+    n_docs = len(offsets) - 1
+    doc_of = np.repeat(np.arange(n_docs), np.diff(offsets))
+    pairs = np.unique(doc_of.astype(np.int64) * vocab_size + values.astype(np.int64))
+    df = np.bincount(pairs % vocab_size, minlength=vocab_size)
+    return torch.from_numpy(np.log((1 + n_docs) / (1 + df)) + 1).float()
 
 
 def parameter_counts(module: nn.Module) -> dict[str, int]:

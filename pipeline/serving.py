@@ -140,6 +140,7 @@ class Scorer:
             len(groups),
             pooling=model_config["pooling"],
             chunk_pooling=model_config["chunk_pooling"],
+            bag=model_config.get("bag", False),
         )
         model.load_state_dict(state, strict=True)
         model.eval()
@@ -149,7 +150,11 @@ class Scorer:
                 f"{calibrator_path}: calibrator for {calibrator.num_classes} classes"
             )
         collate = ClassifyCollator(
-            config["max_len"], config["long_doc"], config["max_chunks"], config["head_fraction"]
+            config["max_len"],
+            config["long_doc"],
+            config["max_chunks"],
+            config["head_fraction"],
+            bag=model_config.get("bag", False),
         )
         return cls(tokenizer, model, calibrator, collate, groups, int(config["batch_size"]))
 
@@ -163,6 +168,7 @@ class Scorer:
         import torch
 
         from pipeline.data import Example
+        from pipeline.model import model_inputs
 
         tokens = self.token_ids(texts)
         out = []
@@ -170,9 +176,7 @@ class Scorer:
             for start in range(0, len(tokens), self.batch_size):
                 part = tokens[start : start + self.batch_size]
                 batch = self.collate([Example(i, t, 0) for i, t in enumerate(part)])
-                logits = self.model(
-                    batch["input_ids"], batch["attention_mask"], batch["chunk_mask"]
-                )
+                logits = self.model(**model_inputs(batch))
                 out.append(logits.double().numpy())
         return np.concatenate(out)
 

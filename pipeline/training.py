@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader
 
 from pipeline.config import Section
 from pipeline.errors import PipelineError
-from pipeline.model import Classifier, LanguageModel
+from pipeline.model import BAG_KEYS, Classifier, LanguageModel, model_inputs
 
 Precision = Literal["32-true", "bf16-mixed", "16-mixed", "bf16-true", "64-true"]
 Schedule = Literal["cosine", "linear", "constant"]
@@ -113,22 +113,31 @@ def _depth(name: str, n_layers: int) -> int:
 
 
 def param_groups(
-    model: nn.Module, lr: float, weight_decay: float, n_layers: int, layer_decay: float = 1.0
+    model: nn.Module,
+    lr: float,
+    weight_decay: float,
+    n_layers: int,
+    layer_decay: float = 1.0,
+    module_lr: dict[str, float] | None = None,
 ) -> list[dict[str, Any]]:
     """AdamW groups: no weight decay on biases, norms and embeddings; with
     ``layer_decay < 1`` a parameter at depth d gets ``lr * layer_decay ** (top - d)``, so
-    lower (more general) layers move less when fine-tuning."""
+    lower (more general) layers move less when fine-tuning. ``module_lr`` gives whole
+    top-level modules their own LR (a linear part that needs larger steps than the
+    encoder)."""
+    module_lr = module_lr or {}
     groups: dict[tuple[int, bool], dict[str, Any]] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        depth = _depth(name, n_layers)
+        top = name.split(".")[0]
+        depth = n_layers + 2 if top in module_lr else _depth(name, n_layers)
         decay = param.ndim >= 2 and "emb" not in name
         key = (depth, decay)
         if key not in groups:
             groups[key] = {
                 "params": [],
-                "lr": lr * layer_decay ** (n_layers + 1 - depth),
+                "lr": module_lr.get(top, lr * layer_decay ** (n_layers + 1 - depth)),
                 "weight_decay": weight_decay if decay else 0.0,
             }
         groups[key]["params"].append(param)
@@ -154,10 +163,15 @@ class WarmupDecay:
 
 
 def configure_adamw(
-    module: L.LightningModule, net: nn.Module, run: TrainParams, n_layers: int, layer_decay: float
+    module: L.LightningModule,
+    net: nn.Module,
+    run: TrainParams,
+    n_layers: int,
+    layer_decay: float,
+    module_lr: dict[str, float] | None = None,
 ) -> dict[str, Any]:
     """Optimizer + per-step scheduler for ``configure_optimizers``."""
-    groups = param_groups(net, run.lr, run.weight_decay, n_layers, layer_decay)
+    groups = param_groups(net, run.lr, run.weight_decay, n_layers, layer_decay, module_lr)
     optimizer = torch.optim.AdamW(groups, lr=run.lr, betas=(run.adam_beta1, run.adam_beta2))
     total = module.trainer.estimated_stepping_batches
     if not math.isfinite(total):
@@ -235,6 +249,7 @@ class ClassifierModule(_Base):
         label_smoothing: float = 0.0,
         freeze_epochs: int = 0,
         layer_lr_decay: float = 1.0,
+        bag_lr: float | None = None,
     ) -> None:
         super().__init__()
         self.model = model
@@ -242,17 +257,18 @@ class ClassifierModule(_Base):
         self.label_smoothing = label_smoothing
         self.freeze_epochs = freeze_epochs
         self.layer_lr_decay = layer_lr_decay
+        self.bag_lr = bag_lr
         self.val_loss = torchmetrics.MeanMetric()
         self.val_acc = torchmetrics.classification.MulticlassAccuracy(n_classes, average="micro")
 
     def forward(self, batch: dict[str, Tensor]) -> Tensor:
-        return self.model(batch["input_ids"], batch["attention_mask"], batch["chunk_mask"])
+        return self.model(**model_inputs(batch))
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         frozen = self.current_epoch < self.freeze_epochs
         with torch.set_grad_enabled(not frozen):
             doc = self.model.embed(batch["input_ids"], batch["attention_mask"], batch["chunk_mask"])
-        logits = self.model.head(self.model.drop(doc))
+        logits = self.model.classify(doc, *(batch.get(k) for k in BAG_KEYS))
         self.train_tokens += int(batch["attention_mask"].sum())
         loss = F.cross_entropy(
             logits.float(), batch["labels"], label_smoothing=self.label_smoothing
@@ -272,7 +288,8 @@ class ClassifierModule(_Base):
 
     def configure_optimizers(self) -> dict[str, Any]:
         n_layers = self.model.encoder.params.n_layers
-        return configure_adamw(self, self.model, self.run, n_layers, self.layer_lr_decay)
+        module_lr = {"bag": self.bag_lr} if self.bag_lr is not None else None
+        return configure_adamw(self, self.model, self.run, n_layers, self.layer_lr_decay, module_lr)
 
 
 # --------------------------------------------------------------------------- callbacks
@@ -397,11 +414,7 @@ def predict_logits(
     indices, logits = [], []
     for batch in loader:
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            out = model(
-                batch["input_ids"].to(device),
-                batch["attention_mask"].to(device),
-                batch["chunk_mask"].to(device),
-            )
+            out = model(**model_inputs(batch, device))
         indices.append(batch["index"].numpy())
         logits.append(out.double().cpu().numpy())
     return np.concatenate(indices), np.concatenate(logits)

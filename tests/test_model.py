@@ -17,6 +17,7 @@ from pipeline.data import (
     ClassifyCollator,
     Example,
     LMCollator,
+    bag_of_tokens,
     mask_tokens,
     next_token_labels,
     split_document,
@@ -27,9 +28,11 @@ from pipeline.model import (
     LanguageModel,
     ModelParams,
     format_parameter_counts,
+    model_inputs,
     parameter_counts,
     pool_chunks,
     pool_tokens,
+    token_idf,
 )
 
 VOCAB = 64
@@ -79,7 +82,7 @@ def test_sequence_longer_than_max_len_is_rejected() -> None:
 
 
 @pytest.mark.parametrize("positions", ["learned", "rotary"])
-@pytest.mark.parametrize("pooling", ["mean", "cls"])
+@pytest.mark.parametrize("pooling", ["mean", "max", "cls"])
 def test_padding_does_not_change_pooled_output(positions: str, pooling: str) -> None:
     torch.manual_seed(0)
     enc = Encoder(params(positions=positions), VOCAB).eval()
@@ -141,6 +144,13 @@ def test_classifier_is_invariant_to_other_documents_chunks() -> None:
         together = model(ids, mask, torch.tensor([[True, True], [True, False]]))
         alone = model(ids[2:], mask[2:], torch.tensor([[True]]))
     torch.testing.assert_close(together[1:], alone, atol=1e-5, rtol=1e-5)
+
+
+def test_pool_tokens_max_ignores_padding() -> None:
+    hidden = torch.tensor([[[1.0, -4.0], [3.0, -2.0], [9.0, 9.0]]])
+    mask = torch.tensor([[True, True, False]])
+    torch.testing.assert_close(pool_tokens(hidden, mask, "max"), torch.tensor([[3.0, -2.0]]))
+    torch.testing.assert_close(pool_tokens(hidden, mask, "mean"), torch.tensor([[2.0, -3.0]]))
 
 
 def test_pool_chunks_mean_and_max() -> None:
@@ -292,3 +302,55 @@ def test_parameter_counts() -> None:
 def test_model_params_are_checked(change: dict, message: str) -> None:
     with pytest.raises(ValidationError, match=message):
         params(**change)
+
+
+# ------------------------------------------------------------------ bag of tokens
+
+
+def test_bag_of_tokens_counts_distinct_tokens() -> None:
+    ids, counts = bag_of_tokens([np.array([9, 7, 9, 9]), np.array([], dtype=np.int32)])
+    assert ids.tolist() == [[7, 9], [PAD_ID, PAD_ID]]
+    assert counts.tolist() == [[1.0, 3.0], [0.0, 0.0]]
+
+
+def test_token_idf_matches_scikit_learn() -> None:
+    from sklearn.feature_extraction.text import TfidfTransformer
+
+    docs = [np.array([5, 6, 6]), np.array([6, 7]), np.array([8])]
+    values = np.concatenate(docs)
+    offsets = np.cumsum([0] + [len(d) for d in docs])
+    counts = np.zeros((3, 10))
+    for row, d in enumerate(docs):
+        np.add.at(counts[row], d, 1)
+    expected = TfidfTransformer(smooth_idf=True).fit(counts).idf_
+    np.testing.assert_allclose(token_idf(values, offsets, 10).numpy(), expected, rtol=1e-6)
+
+
+def test_bag_sees_the_whole_document_and_ignores_batch_mates() -> None:
+    torch.manual_seed(0)
+    model = Classifier(params(), VOCAB, 20, bag=True).eval()
+    torch.nn.init.normal_(model.bag.weight)  # trained weights are not all zero
+    model.set_idf(torch.linspace(1.0, 3.0, VOCAB))
+    collate = ClassifyCollator(max_len=8, strategy="head", bag=True)
+    short, long_ = docs([5, 40])
+    changed = Example(long_.index, long_.tokens.copy(), long_.label)
+    changed.tokens[-1] = (changed.tokens[-1] + 1 - N_SPECIAL) % (VOCAB - N_SPECIAL) + N_SPECIAL
+    with torch.no_grad():
+        both = model(**model_inputs(collate([short, long_])))
+        alone = model(**model_inputs(collate([short])))
+        tail_changed = model(**model_inputs(collate([short, changed])))
+    torch.testing.assert_close(both[:1], alone, atol=1e-5, rtol=1e-5)
+    # the encoder sees only the head, so a different last token moves the logits only
+    # through the bag
+    assert not torch.allclose(both[1], tail_changed[1])
+    plain = Classifier(params(), VOCAB, 20).eval()
+    plain.load_state_dict(
+        {k: v for k, v in model.state_dict().items() if k not in ("bag.weight", "idf")}
+    )
+    with torch.no_grad():
+        a = plain(**model_inputs(collate([short, long_])))
+        b = plain(**model_inputs(collate([short, changed])))
+    torch.testing.assert_close(a, b)
+    batch = collate([short])
+    with pytest.raises(ValueError, match="bag_ids"):
+        model(batch["input_ids"], batch["attention_mask"], batch["chunk_mask"])

@@ -46,7 +46,14 @@ NAME = "test-newsgroups"
 PROB_COLUMNS = [prob_column(g) for g in GROUPS]
 SIZES = {"train": 8, "validation": 3, "test": 1}  # posts per group
 MODEL = {"d_model": 32, "n_layers": 1, "n_heads": 2, "d_ff": 64, "dropout": 0.0, "max_len": 32}
-FINETUNE = {"init": "scratch", "batch_size": 16, "lr": 3e-3, "max_epochs": 15, "max_chunks": 3}
+FINETUNE = {
+    "init": "scratch",
+    "batch_size": 16,
+    "lr": 3e-3,
+    "max_epochs": 15,
+    "max_chunks": 3,
+    "bag": True,  # served logits include the bag-of-tokens part
+}
 
 
 def post(group: int, k: int) -> str:

@@ -300,8 +300,10 @@ def test_missing_or_bad_inputs_are_clear_errors(tmp_path: Path, corpus: Path) ->
 
 
 def test_param_groups_decay_and_layer_lr() -> None:
-    model = Classifier(ModelParams(**{**MODEL, "n_layers": 2}), VOCAB, 20)
-    groups = param_groups(model, lr=1.0, weight_decay=0.1, n_layers=2, layer_decay=0.5)
+    model = Classifier(ModelParams(**{**MODEL, "n_layers": 2}), VOCAB, 20, bag=True)
+    groups = param_groups(
+        model, lr=1.0, weight_decay=0.1, n_layers=2, layer_decay=0.5, module_lr={"bag": 7.0}
+    )
     names = {id(p): n for n, p in model.named_parameters()}
     seen = 0
     for group in groups:
@@ -316,6 +318,8 @@ def test_param_groups_decay_and_layer_lr() -> None:
                 assert group["lr"] == 0.25
             elif "blocks.1." in name:
                 assert group["lr"] == 0.5
+            elif name.startswith("bag."):
+                assert group["lr"] == 7.0
             else:  # final norm and head
                 assert group["lr"] == 1.0, name
     assert seen == len(list(model.parameters()))
