@@ -400,18 +400,31 @@ def test_hydra_composes_the_groups_into_valid_params(choices: dict, tmp_path: Pa
         load_section(group, section, path)
 
 
-def test_gpu_config_runs_a_few_steps_on_cpu(corpus: Path) -> None:
-    """The GPU model and trainer settings (bf16 autocast) work on CPU, slowly."""
-    model_p = ModelParams.model_validate(yaml.safe_load((ROOT / "conf/model/gpu.yaml").read_text()))
-    gpu = yaml.safe_load((ROOT / "conf/trainer/gpu.yaml").read_text())
-    trainer_p = TrainerParams(**{**gpu, "accelerator": "cpu", "num_workers": 0, **TRAINER})
-    run = FinetuneParams(**{**FINETUNE, "max_steps": 2, "batch_size": 2})
-    collate = ClassifyCollator(model_p.max_len, "chunk", 2)
+def test_gpu_experiment_runs_a_few_steps_on_cpu(corpus: Path, tmp_path: Path) -> None:
+    """experiment=gpu (its model, trainer with bf16 autocast, finetune settings) works on
+    CPU, slowly."""
+    from pipeline.config import compose, load_section
+
+    path = tmp_path / "params.yaml"
+    path.write_text(compose(["experiment=gpu"]))
+    model_p = load_section("model", ModelParams, path)
+    assert model_p.d_model == 512 and model_p.n_layers == 8
+    trainer_p = load_section("trainer", TrainerParams, path)
+    assert trainer_p.precision == "bf16-mixed"
+    trainer_p = trainer_p.model_copy(
+        update={"accelerator": "cpu", "num_workers": 0, "progress_bar": False}
+    )
+    params = load_section("finetune", FinetuneParams, path)
+    run = params.model_copy(
+        update={"max_steps": 2, "max_epochs": None, "batch_size": 2, "val_every_steps": 2}
+    )
+    collate = ClassifyCollator(model_p.max_len, run.long_doc, 2)
     data = tiny_data(corpus, collate, collate, batch_size=2)
     module = ClassifierModule(Classifier(model_p, VOCAB, 20), run, n_classes=20)
     trainer = build_trainer(trainer_p, run, [], limit_val_batches=1)
     trainer.fit(module, datamodule=data)
     assert trainer.global_step == 2
+    assert math.isfinite(float(trainer.callback_metrics["val_loss"]))
 
 
 # ----------------------------------------------------------------------------- DDP
