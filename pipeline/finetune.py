@@ -31,6 +31,7 @@ from pipeline.data import (
     DocumentTokens,
     LongDoc,
     TokenizedDataModule,
+    bag_features,
     load_splits,
     load_vocab_size,
 )
@@ -91,6 +92,8 @@ class FinetuneParams(TrainParams):
     label_smoothing: float = 0.0  # off by default: it distorts the logits calibrate reads
     bag: bool = False  # add a linear model over the whole document's TF-IDF bag of tokens
     bag_lr: float | None = None  # its learning rate (None: lr)
+    bag_buckets: int = 0  # hash buckets for token bigrams in the bag (0: tokens only)
+    bag_loss: Literal["joint", "separate"] = "joint"  # one loss on the sum, or one each
     monitor: Literal["val_loss", "val_acc"] = "val_loss"
 
     @model_validator(mode="after")
@@ -107,6 +110,8 @@ class FinetuneParams(TrainParams):
             raise ValueError("freeze_epochs must be >= 0")
         if self.bag_lr is not None and self.bag_lr <= 0:
             raise ValueError("bag_lr must be positive")
+        if self.bag_buckets < 0:
+            raise ValueError("bag_buckets must be >= 0")
         return self
 
 
@@ -125,6 +130,7 @@ def build_classifier(
         chunk_pooling=params.chunk_pooling,
         dropout=params.dropout,
         bag=params.bag,
+        bag_buckets=params.bag_buckets,
     )
     if params.init == "scratch":
         return model
@@ -193,13 +199,19 @@ def run(
     splits = load_splits(tokenized, vocab_size, N_CLASSES)
     model = build_classifier(model_params, params, vocab_size, pretrained)
     if params.bag:
-        train = splits["train"]
-        model.set_idf(token_idf(train.values, train.offsets, vocab_size))
+        train = [bag_features(ex.tokens, vocab_size, params.bag_buckets) for ex in splits["train"]]
+        model.set_idf(token_idf(train, vocab_size + params.bag_buckets))
     counts = parameter_counts(model)
     say(f"finetune: classifier ({params.init} encoder) with {format_parameter_counts(counts)}")
 
     collate = ClassifyCollator(
-        model_params.max_len, params.long_doc, params.max_chunks, params.head_fraction, params.bag
+        model_params.max_len,
+        params.long_doc,
+        params.max_chunks,
+        params.head_fraction,
+        params.bag,
+        vocab_size,
+        params.bag_buckets,
     )
     data = TokenizedDataModule(
         splits,
@@ -218,6 +230,7 @@ def run(
         freeze_epochs=params.freeze_epochs,
         layer_lr_decay=params.layer_lr_decay,
         bag_lr=params.bag_lr,
+        bag_loss=params.bag_loss,
     )
     best = BestWeights(params.monitor, "min" if params.monitor == "val_loss" else "max")
     curve = LossCurve(every=trainer_params.log_every_n_steps, val_keys=("val_loss", "val_acc"))
@@ -261,6 +274,7 @@ def run(
             max_chunks=params.max_chunks,
             head_fraction=params.head_fraction,
             bag=params.bag,
+            bag_buckets=params.bag_buckets,
         )
         save_model(model, out.dir(out_model), config)
         table.to_parquet(out.dir(out_predictions) / PREDICTIONS_FILE, index=False)

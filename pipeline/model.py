@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -267,6 +268,7 @@ class Classifier(nn.Module):
         chunk_pooling: ChunkPooling = "mean",
         dropout: float = 0.1,
         bag: bool = False,
+        bag_buckets: int = 0,
     ) -> None:
         super().__init__()
         self.encoder = Encoder(p, vocab_size)
@@ -277,12 +279,13 @@ class Classifier(nn.Module):
         _init_weights(self.head)
         self.bag: nn.Embedding | None = None
         if bag:
-            self.bag = nn.Embedding(vocab_size, n_classes)
+            # one row per token id, then one per hashed bigram bucket
+            self.bag = nn.Embedding(vocab_size + bag_buckets, n_classes)
             nn.init.zeros_(self.bag.weight)  # starts as "no opinion"
-            self.register_buffer("idf", torch.ones(vocab_size))
+            self.register_buffer("idf", torch.ones(vocab_size + bag_buckets))
 
     def set_idf(self, idf: Tensor) -> None:
-        """Use these inverse document frequencies (one per token id) to weight the bag."""
+        """Use these inverse document frequencies (one per bag feature) to weight the bag."""
         self.idf.copy_(idf)
 
     def embed(self, input_ids: Tensor, attention_mask: Tensor, chunk_mask: Tensor) -> Tensor:
@@ -296,17 +299,25 @@ class Classifier(nn.Module):
         self, doc: Tensor, bag_ids: Tensor | None = None, bag_counts: Tensor | None = None
     ) -> Tensor:
         """Class logits (B, n_classes) from document vectors and, with a bag part, the
-        document's distinct tokens ``bag_ids`` (B, U) and their counts (0 on padding)."""
+        document's distinct bag features ``bag_ids`` (B, U) and their counts (0 on padding)."""
+        deep, wide = self.classify_parts(doc, bag_ids, bag_counts)
+        return deep if wide is None else deep + wide
+
+    def classify_parts(
+        self, doc: Tensor, bag_ids: Tensor | None = None, bag_counts: Tensor | None = None
+    ) -> tuple[Tensor, Tensor | None]:
+        """The encoder head's logits and the bag part's (None without one), whose sum
+        :meth:`classify` returns; ``bag_loss=separate`` trains each on its own."""
         logits = self.head(self.drop(doc))
         if self.bag is None:
-            return logits
+            return logits, None
         if bag_ids is None or bag_counts is None:
             raise ValueError("this classifier has a bag-of-tokens part: pass bag_ids, bag_counts")
         # Sublinear TF-IDF, L2-normalised per document (as the TF-IDF baseline weighs words).
         tf = torch.where(bag_counts > 0, 1 + bag_counts.clamp(min=1).log(), 0.0)
         weights = tf * self.idf[bag_ids]
         weights = weights / weights.norm(dim=1, keepdim=True).clamp(min=1e-12)
-        return logits + (weights.unsqueeze(-1) * self.bag(bag_ids)).sum(1)
+        return logits, (weights.unsqueeze(-1) * self.bag(bag_ids)).sum(1)
 
     def forward(
         self,
@@ -330,14 +341,13 @@ def model_inputs(batch: dict[str, Tensor], device: torch.device | None = None) -
     return {k: batch[k].to(device) if device else batch[k] for k in keys if k in batch}
 
 
-def token_idf(values: np.ndarray, offsets: np.ndarray, vocab_size: int) -> Tensor:
-    """Smoothed IDF per token id, ``ln((1 + n) / (1 + df)) + 1`` (scikit-learn's), from
-    documents given as flat token values and offsets."""
-    n_docs = len(offsets) - 1
-    doc_of = np.repeat(np.arange(n_docs), np.diff(offsets))
-    pairs = np.unique(doc_of.astype(np.int64) * vocab_size + values.astype(np.int64))
-    df = np.bincount(pairs % vocab_size, minlength=vocab_size)
-    return torch.from_numpy(np.log((1 + n_docs) / (1 + df)) + 1).float()
+def token_idf(docs: Sequence[np.ndarray], size: int) -> Tensor:
+    """Smoothed IDF per feature id in ``[0, size)``, ``ln((1 + n) / (1 + df)) + 1``
+    (scikit-learn's), from each document's feature ids."""
+    df = np.zeros(size, dtype=np.int64)
+    for d in docs:
+        df[np.unique(d)] += 1
+    return torch.from_numpy(np.log((1 + len(docs)) / (1 + df)) + 1).float()
 
 
 def parameter_counts(module: nn.Module) -> dict[str, int]:

@@ -141,6 +141,7 @@ class Scorer:
             pooling=model_config["pooling"],
             chunk_pooling=model_config["chunk_pooling"],
             bag=model_config.get("bag", False),
+            bag_buckets=model_config.get("bag_buckets", 0),
         )
         model.load_state_dict(state, strict=True)
         model.eval()
@@ -155,6 +156,8 @@ class Scorer:
             config["max_chunks"],
             config["head_fraction"],
             bag=model_config.get("bag", False),
+            vocab_size=model_config["vocab_size"],
+            bag_buckets=model_config.get("bag_buckets", 0),
         )
         return cls(tokenizer, model, calibrator, collate, groups, int(config["batch_size"]))
 

@@ -250,6 +250,7 @@ class ClassifierModule(_Base):
         freeze_epochs: int = 0,
         layer_lr_decay: float = 1.0,
         bag_lr: float | None = None,
+        bag_loss: str = "joint",
     ) -> None:
         super().__init__()
         self.model = model
@@ -258,6 +259,7 @@ class ClassifierModule(_Base):
         self.freeze_epochs = freeze_epochs
         self.layer_lr_decay = layer_lr_decay
         self.bag_lr = bag_lr
+        self.bag_loss = bag_loss
         self.val_loss = torchmetrics.MeanMetric()
         self.val_acc = torchmetrics.classification.MulticlassAccuracy(n_classes, average="micro")
 
@@ -268,14 +270,25 @@ class ClassifierModule(_Base):
         frozen = self.current_epoch < self.freeze_epochs
         with torch.set_grad_enabled(not frozen):
             doc = self.model.embed(batch["input_ids"], batch["attention_mask"], batch["chunk_mask"])
-        logits = self.model.classify(doc, *(batch.get(k) for k in BAG_KEYS))
         self.train_tokens += int(batch["attention_mask"].sum())
-        loss = F.cross_entropy(
-            logits.float(), batch["labels"], label_smoothing=self.label_smoothing
-        )
+        loss = self.loss(doc, batch)
         self._check_finite(loss)
         self.log("train_loss", loss, prog_bar=True, batch_size=len(batch["labels"]))
         return loss
+
+    def loss(self, doc: Tensor, batch: dict[str, Tensor]) -> Tensor:
+        """Training loss from document vectors. separate: the head and the bag each learn
+        as if alone (an ensemble), so a fast-fitting bag does not leave the encoder a
+        vanishing gradient; joint: one loss on the summed logits."""
+        deep, wide = self.model.classify_parts(doc, *(batch.get(k) for k in BAG_KEYS))
+        if wide is None:
+            parts = [deep]
+        else:
+            parts = [deep, wide] if self.bag_loss == "separate" else [deep + wide]
+        return sum(
+            F.cross_entropy(z.float(), batch["labels"], label_smoothing=self.label_smoothing)
+            for z in parts
+        )
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         logits = self(batch).float()

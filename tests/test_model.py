@@ -17,6 +17,7 @@ from pipeline.data import (
     ClassifyCollator,
     Example,
     LMCollator,
+    bag_features,
     bag_of_tokens,
     mask_tokens,
     next_token_labels,
@@ -317,13 +318,29 @@ def test_token_idf_matches_scikit_learn() -> None:
     from sklearn.feature_extraction.text import TfidfTransformer
 
     docs = [np.array([5, 6, 6]), np.array([6, 7]), np.array([8])]
-    values = np.concatenate(docs)
-    offsets = np.cumsum([0] + [len(d) for d in docs])
     counts = np.zeros((3, 10))
     for row, d in enumerate(docs):
         np.add.at(counts[row], d, 1)
     expected = TfidfTransformer(smooth_idf=True).fit(counts).idf_
-    np.testing.assert_allclose(token_idf(values, offsets, 10).numpy(), expected, rtol=1e-6)
+    np.testing.assert_allclose(token_idf(docs, 10).numpy(), expected, rtol=1e-6)
+
+
+def test_bag_features_add_hashed_bigrams_after_the_vocabulary() -> None:
+    tokens = np.array([5, 6, 5, 6, 9], dtype=np.int32)
+    assert bag_features(tokens, VOCAB).tolist() == tokens.tolist()
+    feats = bag_features(tokens, VOCAB, bigram_buckets=1000)
+    assert feats[:5].tolist() == tokens.tolist()
+    bigrams = feats[5:]
+    assert len(bigrams) == 4 and ((bigrams >= VOCAB) & (bigrams < VOCAB + 1000)).all()
+    assert bigrams[0] == bigrams[2]  # the same pair (5, 6) hashes to the same bucket
+    assert len({int(b) for b in bigrams}) == 3  # (5,6), (6,5), (6,9): order matters
+    np.testing.assert_array_equal(bag_features(tokens, VOCAB, 1000), feats)  # stable
+    collate = ClassifyCollator(
+        max_len=8, strategy="head", bag=True, vocab_size=VOCAB, bag_buckets=1000
+    )
+    out = collate([Example(0, tokens, 0)])
+    assert sorted(out["bag_ids"][0].tolist()) == sorted(set(feats.tolist()))
+    assert out["bag_counts"].sum() == len(feats)
 
 
 def test_bag_sees_the_whole_document_and_ignores_batch_mates() -> None:

@@ -334,6 +334,24 @@ def test_warmup_then_decay() -> None:
     assert WarmupDecay(110, 0, "constant", 0.0)(50) == 1.0
 
 
+@pytest.mark.parametrize("bag_loss", ["joint", "separate"])
+def test_bag_loss_trains_the_parts_jointly_or_each_on_its_own(corpus: Path, bag_loss: str) -> None:
+    model_p, _ = sections()
+    run = FinetuneParams(**{**FINETUNE, "bag": True, "bag_loss": bag_loss})
+    collate = ClassifyCollator(16, "head", 1, bag=True)
+    batch = next(iter(tiny_data(corpus, collate, collate).eval_loader("train")))
+    torch.manual_seed(0)
+    module = ClassifierModule(
+        Classifier(model_p, VOCAB, 20, bag=True), run, n_classes=20, bag_loss=bag_loss
+    )
+    module.model.eval()  # no dropout: both forward passes below must agree
+    doc = module.model.embed(batch["input_ids"], batch["attention_mask"], batch["chunk_mask"])
+    head_loss = torch.nn.functional.cross_entropy(module.model.head(doc), batch["labels"])
+    # the bag starts at zero logits, so its own loss is ln(20) and it adds nothing jointly
+    expected = head_loss + (math.log(20) if bag_loss == "separate" else 0.0)
+    torch.testing.assert_close(module.loss(doc, batch), expected)
+
+
 def test_freeze_epochs_keep_the_encoder_fixed(corpus: Path) -> None:
     model_p, trainer_p = sections()
     run = FinetuneParams(**{**FINETUNE, "max_epochs": 1, "freeze_epochs": 1})

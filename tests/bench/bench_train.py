@@ -3,7 +3,7 @@
 Same model (``conf/model/<model>.yaml``), same pre-collated MLM batches, same optimizer,
 schedule and gradient clipping; only the loop differs. Target: Lightning >= 0.95x bare.
 
-    python tests/bench/bench_train.py                 # model=cpu, 10 timed steps
+    python tests/bench/bench_train.py                 # model=cpu, 30 timed steps, best of 3
     python tests/bench/bench_train.py --model tiny --steps 30
 
 Uses ``data/tokenized`` when present (random tokens otherwise). Prints the figures and
@@ -108,10 +108,10 @@ def run_bare(p, vocab, data, run, warmup) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="cpu")
-    parser.add_argument("--steps", type=int, default=10, help="timed steps")
+    parser.add_argument("--steps", type=int, default=30, help="timed steps")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=2, help="best of this many runs")
+    parser.add_argument("--repeats", type=int, default=3, help="best of this many runs")
     args = parser.parse_args()
 
     p = ModelParams.model_validate(
