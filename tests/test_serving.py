@@ -53,6 +53,7 @@ FINETUNE = {
     "max_epochs": 15,
     "max_chunks": 3,
     "bag": True,  # served logits include the bag-of-tokens part
+    "bag_buckets": 256,  # and its hashed bigrams
 }
 
 
