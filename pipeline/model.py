@@ -303,12 +303,32 @@ class Classifier(nn.Module):
         deep, wide = self.classify_parts(doc, bag_ids, bag_counts)
         return deep if wide is None else deep + wide
 
+    def deep_logits(self, doc: Tensor) -> Tensor:
+        """The encoder head's logits alone (what ``bag_loss=svm`` trains)."""
+        return self.head(self.drop(doc))
+
+    @torch.no_grad()
+    def set_bag(self, weight: Tensor) -> None:
+        """Install bag weights fitted elsewhere (``bag_loss=svm``) and freeze them."""
+        assert self.bag is not None, "this classifier has no bag part"
+        self.bag.weight.copy_(weight)
+        self.bag.requires_grad_(False)
+
+    @torch.no_grad()
+    def blend(self, deep: float, wide: float, wide_bias: Tensor) -> None:
+        """Fold blend weights into the parameters, so that :meth:`classify` returns
+        ``deep * head logits + wide * (bag logits + wide_bias)`` from now on."""
+        assert self.bag is not None, "this classifier has no bag part"
+        self.head.weight.mul_(deep)
+        self.head.bias.mul_(deep).add_(wide * wide_bias.to(self.head.bias))
+        self.bag.weight.mul_(wide)
+
     def classify_parts(
         self, doc: Tensor, bag_ids: Tensor | None = None, bag_counts: Tensor | None = None
     ) -> tuple[Tensor, Tensor | None]:
         """The encoder head's logits and the bag part's (None without one), whose sum
         :meth:`classify` returns; ``bag_loss=separate`` trains each on its own."""
-        logits = self.head(self.drop(doc))
+        logits = self.deep_logits(doc)
         if self.bag is None:
             return logits, None
         if bag_ids is None or bag_counts is None:

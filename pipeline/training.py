@@ -279,7 +279,14 @@ class ClassifierModule(_Base):
     def loss(self, doc: Tensor, batch: dict[str, Tensor]) -> Tensor:
         """Training loss from document vectors. separate: the head and the bag each learn
         as if alone (an ensemble), so a fast-fitting bag does not leave the encoder a
-        vanishing gradient; joint: one loss on the summed logits."""
+        vanishing gradient; joint: one loss on the summed logits; svm: the bag is fitted
+        and frozen before training, only the head's logits are trained."""
+        if self.bag_loss == "svm":
+            return F.cross_entropy(
+                self.model.deep_logits(doc).float(),
+                batch["labels"],
+                label_smoothing=self.label_smoothing,
+            )
         deep, wide = self.model.classify_parts(doc, *(batch.get(k) for k in BAG_KEYS))
         if wide is None:
             parts = [deep]
@@ -291,7 +298,11 @@ class ClassifierModule(_Base):
         )
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        logits = self(batch).float()
+        if self.bag_loss == "svm":  # the part being trained; the blend comes after training
+            doc = self.model.embed(batch["input_ids"], batch["attention_mask"], batch["chunk_mask"])
+            logits = self.model.deep_logits(doc).float()
+        else:
+            logits = self(batch).float()
         # Plain cross-entropy (no smoothing): the NLL that calibration cares about.
         loss = F.cross_entropy(logits, batch["labels"])
         self.val_loss.update(loss, weight=len(batch["labels"]))
