@@ -255,7 +255,9 @@ class Classifier(nn.Module):
     encoder: it memorises rare, telling tokens (senders, organisations) that a small
     encoder learns slowly. Its inputs come from :class:`pipeline.data.ClassifyCollator`
     (``bag_ids``, ``bag_counts``); the IDF weights are a buffer set from the train split
-    (:meth:`set_idf`), so they travel with the saved weights.
+    (:meth:`set_idf`), so they travel with the saved weights. The bag is either trained
+    with the encoder or fitted beforehand (:meth:`set_bag`) and blended in afterwards
+    (:meth:`blend`); the saved model computes the same sum either way.
     """
 
     def __init__(
