@@ -38,16 +38,31 @@ class Section(BaseModel):
 
 
 def compose(overrides: list[str] | None = None, conf_dir: Path = CONF_DIR) -> str:
-    """Return the YAML text DVC's Hydra integration writes for these overrides."""
+    """Return the YAML text DVC's Hydra integration writes for these overrides.
+
+    A bad override (an unknown group option such as ``experiment=nope``, a key that does
+    not exist) is one :class:`PipelineError` line, not Hydra's traceback.
+    """
     from dvc.utils.hydra import compose_and_dump
     from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException, MissingConfigException
+    from omegaconf.errors import OmegaConfBaseException
 
     GlobalHydra.instance().clear()
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "params.yaml"
-        compose_and_dump(out, str(conf_dir.resolve()), None, "config", str(ROOT), overrides or [])
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "params.yaml"
+            compose_and_dump(
+                out, str(conf_dir.resolve()), None, "config", str(ROOT), overrides or []
+            )
+            return out.read_text(encoding="utf-8")
+    except (HydraException, OmegaConfBaseException) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if isinstance(exc, MissingConfigException) and exc.options:
+            first += f" (available: {', '.join(sorted(exc.options))})"
+        raise PipelineError(f"{conf_dir.name}/: overrides {overrides}: {first}") from None
+    finally:
         GlobalHydra.instance().clear()
-        return out.read_text(encoding="utf-8")
 
 
 def read_params(path: Path = PARAMS_FILE) -> dict[str, Any]:
@@ -64,17 +79,26 @@ def read_params(path: Path = PARAMS_FILE) -> dict[str, Any]:
 
 
 def describe_errors(exc: ValidationError, model: type[BaseModel], prefix: str) -> str:
-    """Format pydantic errors as one line naming each key and what is allowed."""
+    """Format pydantic errors as one line naming each key first, then what is allowed.
+
+    Cross-field checks (``model_validator``) have no location: their messages start with
+    the keys they are about, so the section's values are never dumped into the line.
+    """
     parts = []
     for err in exc.errors():
         key = ".".join([prefix, *(str(p) for p in err["loc"])])
+        message = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             allowed = ", ".join(model.model_fields)
             parts.append(f"unknown key {key} (allowed keys: {allowed})")
         elif err["type"] == "missing":
             parts.append(f"missing key {key}")
+        elif not err["loc"]:
+            parts.append(f"{prefix}.{message}")
         else:
-            parts.append(f"{key}={err.get('input')!r}: {err['msg']}")
+            shown = repr(err.get("input"))
+            shown = shown if len(shown) <= 80 else shown[:77] + "..."
+            parts.append(f"{key}={shown}: {message}")
     return "; ".join(parts)
 
 
@@ -107,4 +131,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from pipeline.errors import run_stage
+
+    run_stage(main)

@@ -29,7 +29,7 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
-from pydantic import model_validator
+from pydantic import Field
 from torch import Tensor
 
 from pipeline.data import (
@@ -86,43 +86,28 @@ class FinetuneParams(TrainParams):
     """Section ``finetune``: TrainParams plus how the classifier is built and trained."""
 
     init: Literal["pretrained", "scratch"] = "pretrained"
-    dropout: float = 0.1  # before the classification head
-    encoder_dropout: float | None = None  # None: model.dropout
+    dropout: float = Field(default=0.1, ge=0.0, lt=1.0)  # before the classification head
+    # None: model.dropout
+    encoder_dropout: float | None = Field(default=None, ge=0.0, lt=1.0)
     pooling: TokenPooling = "mean"
     long_doc: LongDoc = "chunk"
-    max_chunks: int = 4  # long_doc=chunk: chunks per document (the rest is cut)
+    max_chunks: int = Field(default=4, ge=1)  # long_doc=chunk: chunks per document
     chunk_pooling: ChunkPooling = "mean"
-    head_fraction: float = 0.25  # long_doc=head_tail: share of the budget from the start
-    freeze_epochs: int = 0  # epochs in which only the head learns
-    layer_lr_decay: float = 1.0  # < 1: lower layers get geometrically smaller LRs
-    label_smoothing: float = 0.0  # off by default: it distorts the logits calibrate reads
+    # long_doc=head_tail: share of the budget from the start
+    head_fraction: float = Field(default=0.25, ge=0.0, le=1.0)
+    freeze_epochs: int = Field(default=0, ge=0)  # epochs in which only the head learns
+    # < 1: lower layers get geometrically smaller LRs
+    layer_lr_decay: float = Field(default=1.0, gt=0.0, le=1.0)
+    # off by default: it distorts the logits calibrate reads
+    label_smoothing: float = Field(default=0.0, ge=0.0, lt=1.0)
     bag: bool = False  # add a linear model over the whole document's TF-IDF bag of tokens
-    bag_lr: float | None = None  # its learning rate (None: lr)
-    bag_buckets: int = 0  # hash buckets for token bigrams in the bag (0: tokens only)
+    bag_lr: float | None = Field(default=None, gt=0.0)  # its learning rate (None: lr)
+    # hash buckets for token bigrams in the bag (0: tokens only)
+    bag_buckets: int = Field(default=0, ge=0)
     # joint: one loss on the sum | separate: one each | svm: a LinearSVC fitted first
     bag_loss: Literal["joint", "separate", "svm"] = "joint"
-    bag_C: float = 1.0  # bag_loss=svm: the LinearSVC's inverse regularisation strength
+    bag_C: float = Field(default=1.0, gt=0.0)  # bag_loss=svm: the LinearSVC's inverse L2
     monitor: Literal["val_loss", "val_acc"] = "val_loss"
-
-    @model_validator(mode="after")
-    def _check(self) -> FinetuneParams:
-        if self.max_chunks < 1:
-            raise ValueError("max_chunks must be positive")
-        if not 0.0 < self.layer_lr_decay <= 1.0:
-            raise ValueError("layer_lr_decay must be in (0, 1]")
-        if not 0.0 <= self.label_smoothing < 1.0:
-            raise ValueError("label_smoothing must be in [0, 1)")
-        if not 0.0 <= self.head_fraction <= 1.0:
-            raise ValueError("head_fraction must be in [0, 1]")
-        if self.freeze_epochs < 0:
-            raise ValueError("freeze_epochs must be >= 0")
-        if self.bag_lr is not None and self.bag_lr <= 0:
-            raise ValueError("bag_lr must be positive")
-        if self.bag_C <= 0:
-            raise ValueError("bag_C must be positive")
-        if self.bag_buckets < 0:
-            raise ValueError("bag_buckets must be >= 0")
-        return self
 
 
 def build_classifier(

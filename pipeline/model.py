@@ -31,7 +31,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import model_validator
+from pydantic import Field, model_validator
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
@@ -49,27 +49,23 @@ class ModelParams(Section):
     """The ``model`` params section: the encoder's shape (the vocabulary comes from the
     tokenizer)."""
 
-    d_model: int = 256
-    n_layers: int = 4
-    n_heads: int = 4
-    d_ff: int = 1024
-    dropout: float = 0.1
-    max_len: int = 256
+    d_model: int = Field(default=256, ge=1)
+    n_layers: int = Field(default=4, ge=1)
+    n_heads: int = Field(default=4, ge=1)
+    d_ff: int = Field(default=1024, ge=1)
+    dropout: float = Field(default=0.1, ge=0.0, lt=1.0)
+    max_len: int = Field(default=256, ge=4)  # [CLS], [SEP] and some text
     positions: Positions = "learned"
 
     @model_validator(mode="after")
     def _check_shape(self) -> ModelParams:
-        for name in ("d_model", "n_layers", "n_heads", "d_ff"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be positive")
         if self.d_model % self.n_heads:
-            raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
+            raise ValueError(
+                f"d_model/n_heads: d_model={self.d_model} is not divisible by "
+                f"n_heads={self.n_heads}"
+            )
         if self.positions == "rotary" and (self.d_model // self.n_heads) % 2:
-            raise ValueError("rotary positions need an even head size (d_model / n_heads)")
-        if self.max_len < 4:
-            raise ValueError("max_len must be at least 4 ([CLS], [SEP] and some text)")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError("dropout must be in [0, 1)")
+            raise ValueError("positions: rotary positions need an even d_model / n_heads")
         return self
 
 

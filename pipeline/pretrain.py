@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as L
-from pydantic import model_validator
+from pydantic import Field
 
 from pipeline.data import LMCollator, TokenizedDataModule, load_splits, load_vocab_size
 from pipeline.errors import run_stage
@@ -59,13 +59,7 @@ class PretrainParams(TrainParams):
     """Section ``pretrain``: the optimizer/budget fields of TrainParams plus the objective."""
 
     objective: Objective = "mlm"
-    mask_rate: float = 0.15  # mlm only
-
-    @model_validator(mode="after")
-    def _check_mask_rate(self) -> PretrainParams:
-        if not 0.0 < self.mask_rate < 1.0:
-            raise ValueError("mask_rate must be in (0, 1)")
-        return self
+    mask_rate: float = Field(default=0.15, gt=0.0, lt=1.0)  # mlm only
 
 
 def run(

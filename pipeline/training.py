@@ -21,7 +21,7 @@ import math
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import lightning.pytorch as L
 import numpy as np
@@ -30,7 +30,7 @@ import torch.nn.functional as F
 import torchmetrics
 from lightning.pytorch.callbacks import Callback, EarlyStopping
 from lightning.pytorch.utilities import rank_zero_only
-from pydantic import model_validator
+from pydantic import Field, model_validator
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
@@ -46,50 +46,43 @@ class TrainerParams(Section):
     """The ``trainer`` section: where and how Lightning runs (not what it trains)."""
 
     accelerator: Literal["cpu", "gpu", "cuda", "mps", "auto"] = "cpu"
-    devices: int | Literal["auto"] = 1
+    devices: Annotated[int, Field(ge=1)] | Literal["auto"] = 1
     strategy: str = "auto"  # auto, ddp, ddp_spawn, ddp_find_unused_parameters_true, ...
-    num_nodes: int = 1
+    num_nodes: int = Field(default=1, ge=1)
     precision: Precision = "32-true"
     deterministic: bool | Literal["warn"] = True
     compile: bool = False  # torch.compile the LightningModule (GPU; needs a compiler)
-    num_workers: int = 0  # DataLoader workers per process
-    threads: int | None = None  # torch intra-op threads per process (None: torch's default)
-    log_every_n_steps: int = 10
+    num_workers: int = Field(default=0, ge=0)  # DataLoader workers per process
+    # torch intra-op threads per process (None: torch's default)
+    threads: int | None = Field(default=None, ge=1)
+    log_every_n_steps: int = Field(default=10, ge=1)
     progress_bar: bool = True
 
 
 class TrainParams(Section):
     """Optimizer, schedule and budget; ``pretrain`` and ``finetune`` extend this."""
 
-    batch_size: int = 32
-    eval_batch_size: int | None = None
-    lr: float = 5e-4
-    weight_decay: float = 0.01
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.98
+    batch_size: int = Field(default=32, ge=1)
+    eval_batch_size: int | None = Field(default=None, ge=1)
+    lr: float = Field(default=5e-4, gt=0.0, le=10.0)
+    weight_decay: float = Field(default=0.01, ge=0.0, le=10.0)
+    adam_beta1: float = Field(default=0.9, ge=0.0, lt=1.0)
+    adam_beta2: float = Field(default=0.98, ge=0.0, lt=1.0)
     schedule: Schedule = "cosine"
-    warmup_fraction: float = 0.06
-    min_lr_ratio: float = 0.0
-    grad_clip: float | None = 1.0
-    accumulate: int = 1
-    max_steps: int | None = None  # optimizer steps
-    max_epochs: int | None = None
-    max_minutes: float | None = None  # wall-clock cap; the LR schedule ignores it
-    val_every_steps: int | None = None  # None: validate at the end of every epoch
-    early_stop_patience: int | None = None  # validations without improvement
+    warmup_fraction: float = Field(default=0.06, ge=0.0, lt=1.0)
+    min_lr_ratio: float = Field(default=0.0, ge=0.0, le=1.0)
+    grad_clip: float | None = Field(default=1.0, gt=0.0)  # None: no clipping
+    accumulate: int = Field(default=1, ge=1)
+    max_steps: int | None = Field(default=None, ge=1)  # optimizer steps
+    max_epochs: int | None = Field(default=None, ge=1)
+    max_minutes: float | None = Field(default=None, gt=0.0)  # wall-clock cap, not the schedule's
+    val_every_steps: int | None = Field(default=None, ge=1)  # None: every epoch's end
+    early_stop_patience: int | None = Field(default=None, ge=1)  # validations without gain
 
     @model_validator(mode="after")
     def _check_budget(self) -> TrainParams:
         if self.max_steps is None and self.max_epochs is None:
-            raise ValueError("set max_steps or max_epochs (the LR schedule needs a horizon)")
-        for name in ("batch_size", "accumulate", "max_steps", "max_epochs", "val_every_steps"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ValueError(f"{name} must be positive")
-        if not 0.0 <= self.warmup_fraction < 1.0:
-            raise ValueError("warmup_fraction must be in [0, 1)")
-        if self.lr <= 0:
-            raise ValueError("lr must be positive")
+            raise ValueError("max_steps/max_epochs: set one (the LR schedule needs a horizon)")
         return self
 
 

@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 from pipeline.config import compose
@@ -167,3 +168,34 @@ def assert_failed_cleanly(
     assert "Traceback" not in proc.stderr
     after = stage_files(workdir)
     assert after == set(before), sorted(after ^ set(before))
+
+
+def wait_for_http(url: str, proc: subprocess.Popen, log: Path, deadline_s: float = 180.0) -> None:
+    """Poll ``url`` until it answers 200, retrying *any* request error (refused, reset, read
+    timeout of a slow first answer) until the deadline; fail early if ``proc`` exits.
+
+    Busy CI machines make a fresh server's first answer slow: a fixed sleep or a loop that
+    catches only connection errors fails there.
+    """
+    import requests
+
+    deadline = time.monotonic() + deadline_s
+    last = "no answer yet"
+    while True:
+        if proc.poll() is not None:
+            raise AssertionError(
+                f"{proc.args[:4]} exited {proc.returncode}: {log.read_text()[-3000:]}"
+            )
+        try:
+            response = requests.get(url, timeout=10)
+            if response.status_code == 200:
+                return
+            last = f"HTTP {response.status_code}"
+        except requests.RequestException as exc:
+            last = f"{type(exc).__name__}: {exc}"
+        if time.monotonic() > deadline:
+            raise AssertionError(
+                f"{url} did not answer within {deadline_s:.0f} s ({last}): "
+                f"{log.read_text()[-3000:]}"
+            )
+        time.sleep(0.5)

@@ -92,3 +92,112 @@ def test_missing_or_malformed_params_file(tmp_path: Path) -> None:
         load_section("data", DataParams, tmp_path / "params.yaml")
     with pytest.raises(PipelineError, match="seed=-1: expected a non-negative integer"):
         load_seed(tmp_path / "params.yaml")
+
+
+def _sections() -> list[type]:
+    """Every params section class of the pipeline (imported from every module)."""
+    import importlib
+    import pkgutil
+
+    import pipeline
+    from pipeline.config import Section
+
+    for info in pkgutil.iter_modules(pipeline.__path__):
+        importlib.import_module(f"pipeline.{info.name}")
+    found, todo = [], [Section]
+    while todo:
+        cls = todo.pop()
+        found += cls.__subclasses__()
+        todo += cls.__subclasses__()
+    return sorted(set(found), key=lambda c: c.__name__)
+
+
+def test_every_numeric_param_has_a_range() -> None:
+    from typing import get_args
+
+    import annotated_types as at
+
+    def numeric(annotation: object) -> bool:
+        args = get_args(annotation) or (annotation,)
+        return any(a in (int, float) for a in args if a is not bool)
+
+    def bounded(field) -> bool:
+        bounds = (at.Ge, at.Gt, at.Le, at.Lt, at.Interval)
+        if any(isinstance(m, bounds) for m in field.metadata):
+            return True
+        # an Annotated member of a union, e.g. ``int >= 1 | "auto"``
+        return any(
+            isinstance(m, bounds)
+            for arg in get_args(field.annotation)
+            for m in getattr(arg, "__metadata__", ())
+        )
+
+    unbounded = [
+        f"{cls.__name__}.{name}"
+        for cls in _sections()
+        for name, field in cls.model_fields.items()
+        if numeric(field.annotation) and not bounded(field)
+    ]
+    assert len(_sections()) >= 10 and not unbounded, unbounded
+
+
+@pytest.mark.parametrize(
+    ("section", "values", "message"),
+    [
+        ("pretrain", {"adam_beta1": 1.5}, r"params.yaml: pretrain.adam_beta1=1.5: Input should"),
+        ("pretrain", {"weight_decay": -1}, r"params.yaml: pretrain.weight_decay=-1: Input should"),
+        ("finetune", {"grad_clip": -1}, r"params.yaml: finetune.grad_clip=-1: Input should"),
+        ("trainer", {"threads": 0}, r"params.yaml: trainer.threads=0: Input should be greater"),
+        (
+            "pretrain",
+            {"max_steps": None, "max_epochs": None},
+            r"params.yaml: pretrain.max_steps/max_epochs: set one",
+        ),
+        ("model", {"n_heads": 3}, r"params.yaml: model.d_model/n_heads: d_model=128 is not"),
+    ],
+)
+def test_training_params_errors_name_the_key_first(
+    tmp_path: Path, section: str, values: dict, message: str
+) -> None:
+    from pipeline.finetune import FinetuneParams
+    from pipeline.model import ModelParams
+    from pipeline.pretrain import PretrainParams
+    from pipeline.training import TrainerParams
+
+    classes = {
+        "pretrain": PretrainParams,
+        "finetune": FinetuneParams,
+        "trainer": TrainerParams,
+        "model": ModelParams,
+    }
+    path = _params_with(tmp_path, section, **values)
+    with pytest.raises(PipelineError, match=message) as err:
+        load_section(section, classes[section], path)
+    text = str(err.value)
+    assert "\n" not in text and len(text.split("params.yaml: ")[1]) < 100 and "{" not in text
+
+
+def test_unknown_experiment_is_one_line() -> None:
+    with pytest.raises(PipelineError) as err:
+        compose(["experiment=nope"])
+    text = str(err.value)
+    assert "Could not find 'experiment/nope' (available: gpu, smoke)" in text
+    assert "\n" not in text
+
+
+def test_make_params_with_an_unknown_experiment_prints_one_error_line(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline.config", "experiment=nope", "-o", str(tmp_path / "p")],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [
+        "error: conf/: overrides ['experiment=nope']: In 'config': Could not find "
+        "'experiment/nope' (available: gpu, smoke)"
+    ]
+    assert not (tmp_path / "p").exists()

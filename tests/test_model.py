@@ -294,7 +294,7 @@ def test_parameter_counts() -> None:
     ("change", "message"),
     [
         ({"d_model": 30}, "divisible"),
-        ({"n_heads": 8, "positions": "rotary", "d_model": 24}, "even head size"),
+        ({"n_heads": 8, "positions": "rotary", "d_model": 24}, "even d_model / n_heads"),
         ({"max_len": 2}, "max_len"),
         ({"positions": "alibi"}, "positions"),
         ({"d_model": 32.0}, "d_model"),

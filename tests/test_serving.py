@@ -14,7 +14,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -40,7 +39,7 @@ from pipeline.serving import (
 )
 from pipeline.tokenize import TokenizerParams, train_tokenizer
 from pipeline.training import TrainerParams
-from tests.helpers import ROOT, make_post, stage_env
+from tests.helpers import ROOT, make_post, stage_env, wait_for_http
 
 NAME = "test-newsgroups"
 PROB_COLUMNS = [prob_column(g) for g in GROUPS]
@@ -284,19 +283,7 @@ def server(registered: dict, store: str, tmp_path_factory: pytest.TempPathFactor
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None:
-                output = Path(log.name).read_text()[-3000:]
-                pytest.fail(f"mlflow models serve exited {proc.returncode}: {output}")
-            try:
-                if requests.get(f"{url}/ping", timeout=2).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"server did not answer /ping: {Path(log.name).read_text()[-3000:]}")
-            time.sleep(0.5)
+        wait_for_http(f"{url}/ping", proc, Path(log.name))
         yield url
     finally:
         if proc.poll() is None:

@@ -9,6 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from pipeline.schemas import LOGIT_COLUMNS
 from tests.helpers import (
     archive_overrides,
     assert_failed_cleanly,
@@ -43,7 +44,9 @@ def test_baseline_calibrate_evaluate_succeed(workdir: Path) -> None:
     preds = pd.read_parquet(workdir / "data/predictions/baseline/predictions.parquet")
     assert set(preds["split"]) == {"validation", "test"} and len(preds) == 80
     report = json.loads((workdir / "reports/baseline.json").read_text())
-    assert report["converged"] and 0 <= report["validation_accuracy"] <= 1
+    val = preds[preds["split"] == "validation"]
+    accuracy = (val[list(LOGIT_COLUMNS)].to_numpy().argmax(1) == val["label"]).mean()
+    assert report["converged"] and report["validation_accuracy"] == pytest.approx(accuracy)
     for stage in ("calibrate", "evaluate"):
         proc = run_stage(stage, workdir)
         assert proc.returncode == 0, proc.stderr

@@ -20,7 +20,7 @@ from pipeline.tracking import (
     project_root,
     resolve_uri,
 )
-from tests.helpers import archive_overrides, run_stage, write_params
+from tests.helpers import archive_overrides, run_stage, wait_for_http, write_params
 
 
 def test_project_root_sees_through_dvc_temp_experiments(tmp_path: Path) -> None:
@@ -86,7 +86,8 @@ def test_tracking_never_changes_outputs(workdir: Path, tmp_path: Path) -> None:
     with_tracking = outputs()
     params = (workdir / "params.yaml").read_text()
     (workdir / "params.yaml").write_text(params.replace("enabled: true", "enabled: false"))
-    assert run_stage("fetch", workdir, MLFLOW_TRACKING_URI="sqlite:////nonexistent/x.db")
+    proc = run_stage("fetch", workdir, MLFLOW_TRACKING_URI="sqlite:////nonexistent/x.db")
+    assert proc.returncode == 0, proc.stderr
     without = outputs()
     with_tracking.pop("params.yaml"), without.pop("params.yaml")
     assert without == with_tracking and "data/raw/documents.parquet" in without
@@ -132,17 +133,7 @@ def mlflow_server(tmp_path: Path):
     log = open(tmp_path / "server.log", "w")  # noqa: SIM115 - closed below
     server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     try:
-        for _ in range(240):
-            try:
-                if requests.get(f"{url}/health", timeout=1).ok:
-                    break
-            except requests.ConnectionError:
-                pass
-            if server.poll() is not None:
-                pytest.fail(f"mlflow server exited: {(tmp_path / 'server.log').read_text()}")
-            time.sleep(0.5)
-        else:
-            pytest.fail("mlflow server did not start within 120 s")
+        wait_for_http(f"{url}/health", server, tmp_path / "server.log")
         yield url
     finally:
         server.terminate()
