@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import itertools
 import json
+import sys
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import archive_overrides, dvc, git_commit, ran, read_json, write_params
+from tests.helpers import archive_overrides, dvc, git_commit, ran, read_json, run, write_params
 
 VARIANTS = ("uncalibrated", "calibrated")
 PNGS = ("reliability", "confidence", "confusion", "per_class")
@@ -66,8 +67,21 @@ def test_smoke_pipeline_through_evaluate(repo: Path, tiny_archive) -> None:
     assert "reports/plots/baseline/reliability.png" in shown["data"]
     before = {p: p.read_bytes() for p in (repo / "data").rglob("*") if p.is_file()}
 
-    # Changing only a calibrate param reruns only calibrate and what reads calibrators.
+    # A failed experiment leaves the committed reports in place (persist + atomic writes),
+    # and the README's recovery (git checkout params.yaml, dvc checkout) restores the rest.
     git_commit(repo, "smoke run")
+    reports = {p: p.read_bytes() for p in (repo / "reports").rglob("*.json") if p.is_file()}
+    bad = [*(f"-S={o}" for o in overrides), "-S=calibrate.method=nope"]
+    failed = run([sys.executable, "-m", "dvc", "exp", "run", *bad], repo, check=False)
+    assert failed.returncode != 0 and "calibrate.method='nope'" in failed.stderr
+    assert not (repo / "data/models/calibrator").exists()  # DVC removed the cached output
+    assert {p: p.read_bytes() for p in reports} == reports
+    run(["git", "checkout", "--", "params.yaml"], repo)
+    dvc(repo, "checkout")
+    assert "up to date" in dvc(repo, "status").lower()
+    assert (repo / "data/models/calibrator/baseline.json").is_file()
+
+    # Changing only a calibrate param reruns only calibrate and what reads calibrators.
     exp = dvc(repo, "exp", "run", *(f"-S={o}" for o in overrides), "-S=calibrate.method=vector")
     assert ran(exp) == {"calibrate", "evaluate", "register"}
     assert read_json(repo / "data/models/calibrator/baseline.json")["method"] == "vector"
