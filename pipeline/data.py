@@ -238,19 +238,13 @@ class ClassifyCollator:
 
     Returns ``input_ids``/``attention_mask`` (N chunks, T), ``chunk_mask`` (B docs, C),
     True where document b has chunk c (chunks are listed in that row-major order),
-    ``labels`` (B,) and ``index`` (B,), the documents' row numbers in their split. With
-    ``bag``, also the whole document's distinct bag features ``bag_ids`` (B, U,
-    right-padded with [PAD]) and their counts ``bag_counts`` (B, U, float, 0 on padding):
-    token ids and, with ``bag_buckets``, hashed token bigrams (:func:`bag_features`).
+    ``labels`` (B,) and ``index`` (B,), the documents' row numbers in their split.
     """
 
     max_len: int
     strategy: LongDoc = "chunk"
     max_chunks: int = 4
     head_fraction: float = 0.25
-    bag: bool = False
-    vocab_size: int = 0  # where the bigram ids start (needed with bag_buckets)
-    bag_buckets: int = 0
 
     def __call__(self, batch: list[Example]) -> dict[str, Tensor]:
         per_doc = [
@@ -262,50 +256,13 @@ class ClassifyCollator:
         ids, attention_mask = pad_sequences([wrap(c) for chunks in per_doc for c in chunks])
         counts = torch.tensor([len(c) for c in per_doc])
         chunk_mask = torch.arange(int(counts.max()))[None, :] < counts[:, None]
-        out = {
+        return {
             "input_ids": ids,
             "attention_mask": attention_mask,
             "chunk_mask": chunk_mask,
             "labels": torch.tensor([ex.label for ex in batch], dtype=torch.long),
             "index": torch.tensor([ex.index for ex in batch], dtype=torch.long),
         }
-        if self.bag:
-            out["bag_ids"], out["bag_counts"] = bag_of_tokens(
-                [bag_features(ex.tokens, self.vocab_size, self.bag_buckets) for ex in batch]
-            )
-        return out
-
-
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)  # Fibonacci hashing: spreads structured keys
-
-
-def bag_features(tokens: np.ndarray, vocab_size: int, bigram_buckets: int = 0) -> np.ndarray:
-    """A document's bag features: its token ids and, with ``bigram_buckets``, each pair of
-    neighbouring tokens hashed to ``vocab_size + [0, bigram_buckets)``.
-
-    Bigrams are what lifts a linear text model most (TF-IDF + LinearSVC on these tokens:
-    84.9% test accuracy with tokens alone, 86.3% with bigrams); hashing keeps the table a
-    fixed size without a bigram vocabulary to build and ship.
-    """
-    ids = tokens.astype(np.int64)
-    if not bigram_buckets or len(tokens) < 2:
-        return ids
-    t = tokens.astype(np.uint64)
-    key = (t[:-1] * np.uint64(vocab_size) + t[1:]) * _GOLDEN  # wraps modulo 2**64
-    bigrams = ((key >> np.uint64(24)) % np.uint64(bigram_buckets)).astype(np.int64)
-    return np.concatenate((ids, vocab_size + bigrams))
-
-
-def bag_of_tokens(docs: list[np.ndarray]) -> tuple[Tensor, Tensor]:
-    """(distinct feature ids, their counts) per document, right-padded with [PAD] / 0."""
-    pairs = [np.unique(d, return_counts=True) for d in docs]
-    width = max(1, max(len(u) for u, _ in pairs))
-    ids = torch.full((len(docs), width), PAD_ID, dtype=torch.long)
-    counts = torch.zeros(len(docs), width)
-    for row, (u, c) in enumerate(pairs):
-        ids[row, : len(u)] = torch.from_numpy(u.astype(np.int64))
-        counts[row, : len(c)] = torch.from_numpy(c.astype(np.float32))
-    return ids, counts
 
 
 class TokenizedDataModule(L.LightningDataModule):

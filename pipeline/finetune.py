@@ -17,27 +17,19 @@ DVC plots).
 from __future__ import annotations
 
 import time
-import warnings
-from collections.abc import Sequence
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as L
 import numpy as np
 import pandas as pd
-import scipy.sparse as sp
-import torch
-import torch.nn.functional as F
 from pydantic import Field
-from torch import Tensor
 
 from pipeline.data import (
     ClassifyCollator,
     DocumentTokens,
     LongDoc,
     TokenizedDataModule,
-    bag_features,
     load_splits,
     load_vocab_size,
 )
@@ -53,10 +45,9 @@ from pipeline.model import (
     load_model_files,
     parameter_counts,
     save_model,
-    token_idf,
 )
-from pipeline.predictions import make_table
-from pipeline.schemas import GROUPS, LOGIT_COLUMNS, PREDICTION_SPLITS, Predictions, validate
+from pipeline.predictions import make_table, split_scores
+from pipeline.schemas import GROUPS, PREDICTION_SPLITS, Predictions, validate
 from pipeline.training import (
     BestWeights,
     ClassifierModule,
@@ -100,13 +91,6 @@ class FinetuneParams(TrainParams):
     layer_lr_decay: float = Field(default=1.0, gt=0.0, le=1.0)
     # off by default: it distorts the logits calibrate reads
     label_smoothing: float = Field(default=0.0, ge=0.0, lt=1.0)
-    bag: bool = False  # add a linear model over the whole document's TF-IDF bag of tokens
-    bag_lr: float | None = Field(default=None, gt=0.0)  # its learning rate (None: lr)
-    # hash buckets for token bigrams in the bag (0: tokens only)
-    bag_buckets: int = Field(default=0, ge=0)
-    # joint: one loss on the sum | separate: one each | svm: a LinearSVC fitted first
-    bag_loss: Literal["joint", "separate", "svm"] = "joint"
-    bag_C: float = Field(default=1.0, gt=0.0)  # bag_loss=svm: the LinearSVC's inverse L2
     monitor: Literal["val_loss", "val_acc"] = "val_loss"
 
 
@@ -124,8 +108,6 @@ def build_classifier(
         pooling=params.pooling,
         chunk_pooling=params.chunk_pooling,
         dropout=params.dropout,
-        bag=params.bag,
-        bag_buckets=params.bag_buckets,
     )
     if params.init == "scratch":
         return model
@@ -143,69 +125,6 @@ def build_classifier(
     return model
 
 
-def bag_matrix(docs: Sequence[np.ndarray], idf: np.ndarray) -> sp.csr_matrix:
-    """Documents' bag features weighted exactly as :meth:`Classifier.classify_parts`
-    weighs them (sublinear TF x IDF, L2-normalised rows), as a sparse matrix for sklearn."""
-    indptr, indices, values = [0], [], []
-    for d in docs:
-        ids, counts = np.unique(d, return_counts=True)
-        w = (1.0 + np.log(counts)) * idf[ids]
-        indices.append(ids)
-        values.append(w / max(float(np.linalg.norm(w)), 1e-12))
-        indptr.append(indptr[-1] + len(ids))
-    return sp.csr_matrix(
-        (np.concatenate(values), np.concatenate(indices), np.asarray(indptr)),
-        shape=(len(docs), len(idf)),
-    )
-
-
-def fit_bag_svm(
-    x: sp.csr_matrix, labels: np.ndarray, n_classes: int, C: float, seed: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """A one-vs-rest LinearSVC (squared hinge, L2) on the bag: (weights (F, K), intercepts (K,)).
-
-    The margin loss with L2 is what a linear model on TF-IDF does best on this corpus
-    (86.3% test accuracy with bigrams, against 84.8% for logistic regression and 83.5%
-    for a bag trained by Adam and cross-entropy), and liblinear fits it in seconds.
-    """
-    from sklearn.exceptions import ConvergenceWarning
-    from sklearn.svm import LinearSVC
-
-    present = np.unique(labels)
-    if len(present) != n_classes:
-        raise PipelineError(
-            f"finetune: bag_loss=svm needs every one of the {n_classes} classes in the "
-            f"train split (it has {len(present)})"
-        )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)  # reported through n_iter_
-        svm = LinearSVC(C=C, random_state=seed).fit(x, labels)
-    return svm.coef_.T.astype(np.float32), svm.intercept_.astype(np.float32)
-
-
-def fit_blend(deep: np.ndarray, wide: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
-    """Weights (a, b) minimising the NLL of ``a * deep + b * wide`` on held-out logits.
-
-    The two parts are trained apart and on different scales (the SVM's margins are about
-    +-1), so a convex two-parameter fit on the validation split decides how much each
-    counts; :meth:`Classifier.blend` then folds them into the weights.
-    """
-    parts = torch.tensor(np.stack([deep, wide]), dtype=torch.float64)
-    target = torch.tensor(labels, dtype=torch.long)
-    w = torch.ones(2, dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([w], lr=1.0, max_iter=200, line_search_fn="strong_wolfe")
-
-    def closure() -> Tensor:
-        opt.zero_grad()
-        loss = F.cross_entropy(torch.einsum("p,pnk->nk", w, parts), target)
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    a, b = (float(v) for v in w.detach())
-    return a, b
-
-
 def predictions_table(
     splits: dict[str, DocumentTokens], logits: dict[str, tuple[np.ndarray, np.ndarray]]
 ) -> pd.DataFrame:
@@ -219,16 +138,6 @@ def predictions_table(
         values.append(split_logits)
     table = make_table(ids, split_names, np.concatenate(labels), np.concatenate(values))
     return validate(table, Predictions, "finetune predictions")
-
-
-def validation_metrics(table: pd.DataFrame) -> dict[str, float]:
-    """Accuracy and mean NLL of the validation rows (test rows are not scored here)."""
-    val = table[table["split"] == "validation"]
-    logits = torch.tensor(val[list(LOGIT_COLUMNS)].to_numpy())
-    labels = torch.tensor(val["label"].to_numpy())
-    loss = torch.nn.functional.cross_entropy(logits, labels).item()
-    accuracy = (logits.argmax(1) == labels).double().mean().item()
-    return {"val_accuracy": round(accuracy, 6), "val_loss": round(loss, 6)}
 
 
 def run(
@@ -256,38 +165,15 @@ def run(
     vocab_size = load_vocab_size(tokenizer)
     splits = load_splits(tokenized, vocab_size, N_CLASSES)
     model = build_classifier(model_params, params, vocab_size, pretrained)
-    svm = params.bag and params.bag_loss == "svm"
-    if params.bag:
-        train = [bag_features(ex.tokens, vocab_size, params.bag_buckets) for ex in splits["train"]]
-        idf = token_idf(train, vocab_size + params.bag_buckets)
-        model.set_idf(idf)
-        if svm:
-            start = time.perf_counter()
-            coef, intercept = fit_bag_svm(
-                bag_matrix(train, idf.numpy()),
-                splits["train"].labels,
-                N_CLASSES,
-                params.bag_C,
-                seed,
-            )
-            model.set_bag(torch.from_numpy(coef))
-            say(f"finetune: bag LinearSVC fitted in {time.perf_counter() - start:.1f} s")
     counts = parameter_counts(model)
     say(f"finetune: classifier ({params.init} encoder) with {format_parameter_counts(counts)}")
 
     collate = ClassifyCollator(
-        model_params.max_len,
-        params.long_doc,
-        params.max_chunks,
-        params.head_fraction,
-        params.bag,
-        vocab_size,
-        params.bag_buckets,
+        model_params.max_len, params.long_doc, params.max_chunks, params.head_fraction
     )
     data = TokenizedDataModule(
         splits,
-        # with a fitted bag, training sees the encoder's logits only: no bag features
-        train_collate=replace(collate, bag=False) if svm else collate,
+        train_collate=collate,
         eval_collate=collate,
         batch_size=params.batch_size,
         eval_batch_size=params.eval_batch_size,
@@ -301,8 +187,6 @@ def run(
         label_smoothing=params.label_smoothing,
         freeze_epochs=params.freeze_epochs,
         layer_lr_decay=params.layer_lr_decay,
-        bag_lr=params.bag_lr,
-        bag_loss=params.bag_loss,
     )
     best = BestWeights(params.monitor, "min" if params.monitor == "val_loss" else "max")
     curve = LossCurve(every=trainer_params.log_every_n_steps, val_keys=("val_loss", "val_acc"))
@@ -316,28 +200,17 @@ def run(
     if best.state is not None:  # otherwise no validation ran: keep the final weights
         model.load_state_dict(best.state)
     device = trainer.strategy.root_device
-    blend = None
-    if svm:
-        index, total = predict_logits(
-            model, data.eval_loader("validation"), device, trainer_params.precision
-        )
-        val_bags = [
-            bag_features(splits["validation"][i].tokens, vocab_size, params.bag_buckets)
-            for i in index
-        ]
-        wide = bag_matrix(val_bags, idf.numpy()) @ coef.astype(np.float64)
-        blend = fit_blend(total - wide, wide + intercept, splits["validation"].labels[index])
-        model.blend(*blend, torch.from_numpy(intercept))
-        say(f"finetune: blend on validation: {blend[0]:.3f} x encoder + {blend[1]:.3f} x bag")
     logits = {
         split: predict_logits(model, data.eval_loader(split), device, trainer_params.precision)
         for split in PREDICTION_SPLITS
     }
     table = predictions_table(splits, logits)
+    scores = split_scores(table, "validation")
     result = {
-        **validation_metrics(table),
-        "best_step": best.best_step if best.best_step is not None else trainer.global_step,
-        f"best_{params.monitor}": None if best.best is None else round(best.best, 6),
+        "validation_accuracy": scores["accuracy"],  # of the kept weights, the encoder alone
+        "validation_nll": scores["nll"],
+        "selected_step": best.best_step if best.best_step is not None else trainer.global_step,
+        "selected_by": params.monitor,
         "steps": trainer.global_step,
         "epochs": trainer.current_epoch,
         "init": params.init,
@@ -346,7 +219,6 @@ def run(
         "train_tokens_per_second": round(module.train_tokens * trainer.world_size / seconds, 1),
         "world_size": trainer.world_size,
         "parameters": counts,
-        **({"blend_encoder": round(blend[0], 6), "blend_bag": round(blend[1], 6)} if blend else {}),
     }
     with atomic_outputs() as out:
         config = encoder_config(
@@ -359,8 +231,6 @@ def run(
             long_doc=params.long_doc,
             max_chunks=params.max_chunks,
             head_fraction=params.head_fraction,
-            bag=params.bag,
-            bag_buckets=params.bag_buckets,
         )
         save_model(model, out.dir(out_model), config)
         table.to_parquet(out.dir(out_predictions) / PREDICTIONS_FILE, index=False)
@@ -369,8 +239,8 @@ def run(
         write_curve(curve_dir / "validation.csv", curve.val)
         write_json(out.file(report), result)
     say(
-        f"finetune: validation accuracy {result['val_accuracy']:.4f}, loss "
-        f"{result['val_loss']:.4f} (weights of step {result['best_step']}); weights in "
+        f"finetune: validation accuracy {result['validation_accuracy']:.4f}, NLL "
+        f"{result['validation_nll']:.4f} (weights of step {result['selected_step']}); weights in "
         f"{out_model}/, logits in {out_predictions / PREDICTIONS_FILE}, metrics in {report}, "
         f"curves in {curves}/"
     )

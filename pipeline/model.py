@@ -24,11 +24,9 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import Field, model_validator
@@ -243,17 +241,11 @@ def pool_chunks(chunks: Tensor, chunk_mask: Tensor, mode: ChunkPooling) -> Tenso
 
 
 class Classifier(nn.Module):
-    """Encoder, token pooling, chunk pooling, dropout and a linear head; with ``bag``, plus
-    a linear model over the whole document's TF-IDF bag of tokens (wide and deep).
+    """Encoder, token pooling, chunk pooling, dropout and a linear head.
 
-    The bag part sees every token of the document at almost no cost (one weight per token
-    and class), however long the document and whatever ``long_doc`` keeps for the
-    encoder: it memorises rare, telling tokens (senders, organisations) that a small
-    encoder learns slowly. Its inputs come from :class:`pipeline.data.ClassifyCollator`
-    (``bag_ids``, ``bag_counts``); the IDF weights are a buffer set from the train split
-    (:meth:`set_idf`), so they travel with the saved weights. The bag is either trained
-    with the encoder or fitted beforehand (:meth:`set_bag`) and blended in afterwards
-    (:meth:`blend`); the saved model computes the same sum either way.
+    The encoder alone: the linear bag-of-tokens model is its own stage (``wide``,
+    :mod:`pipeline.bag`) and the two meet only in ``blend``, so this model's predictions
+    say what the encoder is worth.
     """
 
     def __init__(
@@ -265,8 +257,6 @@ class Classifier(nn.Module):
         pooling: TokenPooling = "mean",
         chunk_pooling: ChunkPooling = "mean",
         dropout: float = 0.1,
-        bag: bool = False,
-        bag_buckets: int = 0,
     ) -> None:
         super().__init__()
         self.encoder = Encoder(p, vocab_size)
@@ -275,16 +265,6 @@ class Classifier(nn.Module):
         self.drop = nn.Dropout(dropout)
         self.head = nn.Linear(p.d_model, n_classes)
         _init_weights(self.head)
-        self.bag: nn.Embedding | None = None
-        if bag:
-            # one row per token id, then one per hashed bigram bucket
-            self.bag = nn.Embedding(vocab_size + bag_buckets, n_classes)
-            nn.init.zeros_(self.bag.weight)  # starts as "no opinion"
-            self.register_buffer("idf", torch.ones(vocab_size + bag_buckets))
-
-    def set_idf(self, idf: Tensor) -> None:
-        """Use these inverse document frequencies (one per bag feature) to weight the bag."""
-        self.idf.copy_(idf)
 
     def embed(self, input_ids: Tensor, attention_mask: Tensor, chunk_mask: Tensor) -> Tensor:
         """Document vectors (B, d_model) from the chunks of a batch."""
@@ -293,79 +273,21 @@ class Classifier(nn.Module):
             pool_tokens(hidden, attention_mask, self.pooling), chunk_mask, self.chunk_pooling
         )
 
-    def classify(
-        self, doc: Tensor, bag_ids: Tensor | None = None, bag_counts: Tensor | None = None
-    ) -> Tensor:
-        """Class logits (B, n_classes) from document vectors and, with a bag part, the
-        document's distinct bag features ``bag_ids`` (B, U) and their counts (0 on padding)."""
-        deep, wide = self.classify_parts(doc, bag_ids, bag_counts)
-        return deep if wide is None else deep + wide
-
-    def deep_logits(self, doc: Tensor) -> Tensor:
-        """The encoder head's logits alone (what ``bag_loss=svm`` trains)."""
+    def classify(self, doc: Tensor) -> Tensor:
+        """Class logits (B, n_classes) from document vectors."""
         return self.head(self.drop(doc))
 
-    @torch.no_grad()
-    def set_bag(self, weight: Tensor) -> None:
-        """Install bag weights fitted elsewhere (``bag_loss=svm``) and freeze them."""
-        assert self.bag is not None, "this classifier has no bag part"
-        self.bag.weight.copy_(weight)
-        self.bag.requires_grad_(False)
-
-    @torch.no_grad()
-    def blend(self, deep: float, wide: float, wide_bias: Tensor) -> None:
-        """Fold blend weights into the parameters, so that :meth:`classify` returns
-        ``deep * head logits + wide * (bag logits + wide_bias)`` from now on."""
-        assert self.bag is not None, "this classifier has no bag part"
-        self.head.weight.mul_(deep)
-        self.head.bias.mul_(deep).add_(wide * wide_bias.to(self.head.bias))
-        self.bag.weight.mul_(wide)
-
-    def classify_parts(
-        self, doc: Tensor, bag_ids: Tensor | None = None, bag_counts: Tensor | None = None
-    ) -> tuple[Tensor, Tensor | None]:
-        """The encoder head's logits and the bag part's (None without one), whose sum
-        :meth:`classify` returns; ``bag_loss=separate`` trains each on its own."""
-        logits = self.deep_logits(doc)
-        if self.bag is None:
-            return logits, None
-        if bag_ids is None or bag_counts is None:
-            raise ValueError("this classifier has a bag-of-tokens part: pass bag_ids, bag_counts")
-        # Sublinear TF-IDF, L2-normalised per document (as the TF-IDF baseline weighs words).
-        tf = torch.where(bag_counts > 0, 1 + bag_counts.clamp(min=1).log(), 0.0)
-        weights = tf * self.idf[bag_ids]
-        weights = weights / weights.norm(dim=1, keepdim=True).clamp(min=1e-12)
-        return logits, (weights.unsqueeze(-1) * self.bag(bag_ids)).sum(1)
-
-    def forward(
-        self,
-        input_ids: Tensor,
-        attention_mask: Tensor,
-        chunk_mask: Tensor,
-        bag_ids: Tensor | None = None,
-        bag_counts: Tensor | None = None,
-    ) -> Tensor:
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, chunk_mask: Tensor) -> Tensor:
         """Class logits (B, n_classes)."""
-        doc = self.embed(input_ids, attention_mask, chunk_mask)
-        return self.classify(doc, bag_ids, bag_counts)
+        return self.classify(self.embed(input_ids, attention_mask, chunk_mask))
 
 
-BAG_KEYS = ("bag_ids", "bag_counts")  # the optional Classifier inputs a collator adds
+MODEL_INPUTS = ("input_ids", "attention_mask", "chunk_mask")  # Classifier.forward's inputs
 
 
 def model_inputs(batch: dict[str, Tensor], device: torch.device | None = None) -> dict[str, Tensor]:
     """The keyword arguments of :meth:`Classifier.forward` found in a collated batch."""
-    keys = ("input_ids", "attention_mask", "chunk_mask", *BAG_KEYS)
-    return {k: batch[k].to(device) if device else batch[k] for k in keys if k in batch}
-
-
-def token_idf(docs: Sequence[np.ndarray], size: int) -> Tensor:
-    """Smoothed IDF per feature id in ``[0, size)``, ``ln((1 + n) / (1 + df)) + 1``
-    (scikit-learn's), from each document's feature ids."""
-    df = np.zeros(size, dtype=np.int64)
-    for d in docs:
-        df[np.unique(d)] += 1
-    return torch.from_numpy(np.log((1 + len(docs)) / (1 + df)) + 1).float()
+    return {k: batch[k].to(device) if device else batch[k] for k in MODEL_INPUTS}
 
 
 def parameter_counts(module: nn.Module) -> dict[str, int]:

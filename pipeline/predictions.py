@@ -132,3 +132,18 @@ def validate_probabilities(ids, labels, probs: np.ndarray, where: str) -> None:
         axis=1,
     )
     validate(table, Probabilities, where)
+
+
+def split_scores(table: pd.DataFrame, split: str = "validation") -> dict[str, float]:
+    """Accuracy and mean NLL (nats) of one split of a predictions table (softmax of its
+    logits): the one place stages compute the validation scores they report."""
+    from scipy.special import log_softmax
+
+    part = table[table["split"] == split]
+    logits = part[list(LOGIT_COLUMNS)].to_numpy(dtype=np.float64)
+    labels = part["label"].to_numpy(dtype=np.int64)
+    logp = log_softmax(logits, axis=1)
+    return {
+        "accuracy": round(float(np.mean(logits.argmax(axis=1) == labels)), 6),
+        "nll": round(float(-logp[np.arange(len(labels)), labels].mean()), 6),
+    }

@@ -1,16 +1,22 @@
 """The served model: raw text in, calibrated newsgroup probabilities out (an MLflow pyfunc).
 
-One artifact holds everything prediction needs, so a registered version answers on its
-own: the ``tokenize`` tokenizer, the ``finetune`` classifier (weights + ``config.json``),
-its ``calibrate`` calibrator (JSON) and ``serving.json`` (class names and the long-document
+The served model is the pipeline's ``blend``: the ``finetune`` encoder and the ``wide``
+linear bag model, each scoring the text, combined with the ``blend`` stage's weights and
+calibrated by the blend's ``calibrate`` calibrator. One artifact set holds everything
+prediction needs, so a registered version answers on its own: the ``tokenize``
+tokenizer, the classifier (weights + ``config.json``), the wide model (IDF + weights),
+``blend.json``, the calibrator (JSON) and ``serving.json`` (class names, the long-document
 settings the classifier was trained with). A text is tokenized whole without special
-tokens and then chunked / truncated exactly like the fine-tuning collator does
-(:class:`pipeline.data.ClassifyCollator`), so served logits equal the pipeline's.
+tokens, then chunked exactly like the fine-tuning collator does
+(:class:`pipeline.data.ClassifyCollator`) and bagged exactly like the ``wide`` stage does
+(:class:`pipeline.bag.WideModel`), so served logits equal the pipeline's ``blend`` logits.
 
-The pure pieces (:func:`validate_texts`, :class:`Scorer`, :func:`predictions_frame`) need
-no MLflow; :class:`NewsgroupsClassifier` only wires them into ``mlflow.pyfunc``. Bad input
-is a ``ValueError`` with one line in the pure pieces and an ``MlflowException``
-(INVALID_PARAMETER_VALUE, HTTP 400 without a stack trace) from the pyfunc model.
+The model is logged as code (:mod:`pipeline.served_model`, MLflow "models from code"),
+never as a pickle. The pure pieces (:func:`validate_texts`, :class:`Scorer`,
+:func:`predictions_frame`) need no MLflow; :class:`NewsgroupsClassifier` only wires them
+into ``mlflow.pyfunc``. Bad input is a ``ValueError`` with one line in the pure pieces and
+an ``MlflowException`` (INVALID_PARAMETER_VALUE, HTTP 400 without a stack trace) from the
+pyfunc model.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from pipeline.errors import PipelineError
 from pipeline.schemas import GROUPS
 
 if TYPE_CHECKING:  # torch, lightning and scikit-learn load only when a model does
+    from pipeline.bag import WideModel
     from pipeline.calibration import Calibrator
     from pipeline.data import ClassifyCollator
     from pipeline.model import Classifier
@@ -38,8 +45,11 @@ SERVING_FILE = "serving.json"
 # Keys of the artifacts dict given to mlflow.pyfunc.log_model.
 ARTIFACT_TOKENIZER = "tokenizer"
 ARTIFACT_CLASSIFIER = "classifier"
+ARTIFACT_WIDE = "wide"
+ARTIFACT_BLEND = "blend"
 ARTIFACT_CALIBRATOR = "calibrator"
 ARTIFACT_SERVING = "serving"
+SERVED_MODELS = ("transformer", "wide")  # the blend inputs a served model can compute
 LONG_DOC_KEYS = ("long_doc", "max_chunks", "head_fraction")
 EXAMPLE_TEXTS = (
     "From: someone@example.edu\nSubject: Re: which graphics card for 3D rendering?\n\n"
@@ -64,8 +74,10 @@ def validate_texts(frame: Any, column: str = TEXT_COLUMN) -> list[str]:
             f"expected a table with a '{column}' column of strings, got {type(frame).__name__}"
         )
     if column not in frame.columns:
-        found = ", ".join(map(str, frame.columns)) or "none"
-        raise ValueError(f"missing column '{column}' (found columns: {found})")
+        found = (
+            f" (found columns: {', '.join(map(str, frame.columns))})" if len(frame.columns) else ""
+        )
+        raise ValueError(f"missing column '{column}'{found}")
     if len(frame) == 0:
         raise ValueError(f"no rows: give at least one text in column '{column}'")
     texts = frame[column].tolist()
@@ -101,87 +113,141 @@ def serving_config(classifier_config: dict[str, Any], batch_size: int) -> dict[s
     }
 
 
+@dataclass(frozen=True)
+class ServedFiles:
+    """Where the served model's parts are (the pipeline's outputs, or the artifacts)."""
+
+    tokenizer: Path
+    classifier: Path
+    wide: Path
+    blend: Path
+    calibrator: Path
+
+
+def read_blend(path: Path) -> dict[str, float]:
+    """The blend's weights by model, checked to be models a served model can compute."""
+    try:
+        state = json.loads(Path(path).read_text("utf-8"))
+        weights = dict(zip(state["models"], state["weights"], strict=True))
+    except FileNotFoundError:
+        raise PipelineError(f"{path}: not found (run the blend stage)") from None
+    except (ValueError, KeyError, TypeError) as exc:
+        raise PipelineError(f"{path}: not a blend state ({exc})") from None
+    unknown = sorted(set(weights) - set(SERVED_MODELS))
+    if unknown or not weights:
+        raise PipelineError(
+            f"{path}: a served blend can combine {list(SERVED_MODELS)}, not {unknown or 'nothing'}"
+            " (set blend.models accordingly)"
+        )
+    return {m: float(w) for m, w in weights.items()}
+
+
 @dataclass
 class Scorer:
-    """Texts -> calibrated probabilities with the pipeline's tokenizer, model and calibrator."""
+    """Texts -> calibrated probabilities with the pipeline's tokenizer, models, blend
+    weights and calibrator."""
 
     tokenizer: Any  # tokenizers.Tokenizer
-    model: Classifier
+    weights: dict[str, float]
+    encoder: Classifier | None
+    collate: ClassifyCollator | None
+    wide: WideModel | None
     calibrator: Calibrator
-    collate: ClassifyCollator
     groups: tuple[str, ...]
     batch_size: int = 32
 
     @classmethod
-    def load(
-        cls, tokenizer_path: Path, classifier_dir: Path, calibrator_path: Path, config: dict
-    ) -> Scorer:
+    def load(cls, files: ServedFiles, config: dict) -> Scorer:
         """Rebuild the scorer from the files the pipeline stages wrote."""
         from tokenizers import Tokenizer
 
+        from pipeline.bag import WideModel
         from pipeline.calibration import Calibrator
         from pipeline.data import SPECIAL_TOKENS, ClassifyCollator
         from pipeline.model import Classifier, ModelParams, load_model_files
 
-        tokenizer = Tokenizer.from_file(str(tokenizer_path))
+        tokenizer = Tokenizer.from_file(str(files.tokenizer))
         for token, expected in SPECIAL_TOKENS.items():
             if tokenizer.token_to_id(token) != expected:
-                raise PipelineError(f"{tokenizer_path}: special token {token} is not id {expected}")
-        model_config, state = load_model_files(classifier_dir)
-        if model_config.get("vocab_size") != tokenizer.get_vocab_size():
-            raise PipelineError(
-                f"{classifier_dir}: vocabulary {model_config.get('vocab_size')} does not match "
-                f"the tokenizer's {tokenizer.get_vocab_size()}"
-            )
+                raise PipelineError(
+                    f"{files.tokenizer}: special token {token} is not id {expected}"
+                )
+        vocab = tokenizer.get_vocab_size()
         groups = tuple(config["groups"])
-        model = Classifier(
-            ModelParams(**model_config["model"]),
-            model_config["vocab_size"],
-            len(groups),
-            pooling=model_config["pooling"],
-            chunk_pooling=model_config["chunk_pooling"],
-            bag=model_config.get("bag", False),
-            bag_buckets=model_config.get("bag_buckets", 0),
-        )
-        model.load_state_dict(state, strict=True)
-        model.eval()
-        calibrator = Calibrator.from_dict(json.loads(Path(calibrator_path).read_text("utf-8")))
+        weights = read_blend(files.blend)
+        encoder = collate = wide = None
+        if "transformer" in weights:
+            model_config, state = load_model_files(files.classifier)
+            if model_config.get("vocab_size") != vocab:
+                raise PipelineError(
+                    f"{files.classifier}: vocabulary {model_config.get('vocab_size')} does not "
+                    f"match the tokenizer's {vocab}"
+                )
+            encoder = Classifier(
+                ModelParams(**model_config["model"]),
+                model_config["vocab_size"],
+                len(groups),
+                pooling=model_config["pooling"],
+                chunk_pooling=model_config["chunk_pooling"],
+            )
+            encoder.load_state_dict(state, strict=True)
+            encoder.eval()
+            collate = ClassifyCollator(
+                config["max_len"], config["long_doc"], config["max_chunks"], config["head_fraction"]
+            )
+        if "wide" in weights:
+            wide = WideModel.load(files.wide)
+            if wide.vocab_size != vocab:
+                raise PipelineError(
+                    f"{files.wide}: vocabulary {wide.vocab_size} does not match the tokenizer's "
+                    f"{vocab}"
+                )
+        calibrator = Calibrator.from_dict(json.loads(Path(files.calibrator).read_text("utf-8")))
         if calibrator.num_classes != len(groups):
             raise PipelineError(
-                f"{calibrator_path}: calibrator for {calibrator.num_classes} classes"
+                f"{files.calibrator}: calibrator for {calibrator.num_classes} classes"
             )
-        collate = ClassifyCollator(
-            config["max_len"],
-            config["long_doc"],
-            config["max_chunks"],
-            config["head_fraction"],
-            bag=model_config.get("bag", False),
-            vocab_size=model_config["vocab_size"],
-            bag_buckets=model_config.get("bag_buckets", 0),
+        return cls(
+            tokenizer,
+            weights,
+            encoder,
+            collate,
+            wide,
+            calibrator,
+            groups,
+            int(config["batch_size"]),
         )
-        return cls(tokenizer, model, calibrator, collate, groups, int(config["batch_size"]))
 
     def token_ids(self, texts: Sequence[str]) -> list[np.ndarray]:
         """Whole documents, no special tokens: what the ``tokenize`` stage stores."""
         encodings = self.tokenizer.encode_batch(list(texts), add_special_tokens=False)
         return [np.asarray(e.ids, dtype=np.int32) for e in encodings]
 
-    def logits(self, texts: Sequence[str]) -> np.ndarray:
-        """Uncalibrated float64 logits (n, k), batched like the finetune stage predicts."""
+    def encoder_logits(self, tokens: list[np.ndarray]) -> np.ndarray:
+        """The ``transformer`` model's float64 logits, batched like ``finetune`` predicts."""
         import torch
 
         from pipeline.data import Example
         from pipeline.model import model_inputs
 
-        tokens = self.token_ids(texts)
+        assert self.encoder is not None and self.collate is not None
         out = []
         with torch.inference_mode():
             for start in range(0, len(tokens), self.batch_size):
                 part = tokens[start : start + self.batch_size]
                 batch = self.collate([Example(i, t, 0) for i, t in enumerate(part)])
-                logits = self.model(**model_inputs(batch))
-                out.append(logits.double().numpy())
+                out.append(self.encoder(**model_inputs(batch)).double().numpy())
         return np.concatenate(out)
+
+    def logits(self, texts: Sequence[str]) -> np.ndarray:
+        """Uncalibrated float64 blend logits (n, k): ``sum_m w_m * logits_m``."""
+        tokens = self.token_ids(texts)
+        parts = {}
+        if self.encoder is not None:
+            parts["transformer"] = self.encoder_logits(tokens)
+        if self.wide is not None:
+            parts["wide"] = self.wide.logits(tokens)
+        return sum(w * parts[m] for m, w in self.weights.items())
 
     def probabilities(self, texts: Sequence[str]) -> np.ndarray:
         """Calibrated probabilities (n, k), rows summing to 1."""
@@ -207,18 +273,68 @@ def input_example() -> pd.DataFrame:
     return pd.DataFrame({TEXT_COLUMN: pd.Series(list(EXAMPLE_TEXTS), dtype=object)})
 
 
+def input_signature():  # -> mlflow.types.Schema
+    """The served input schema: a ``text`` column of type *any*, checked by the model.
+
+    Declaring it ``string`` would let MLflow's JSON parser cast before the model sees the
+    values (``null`` -> ``"None"``, ``5`` -> ``"5"``) and score them; with ``any`` every
+    input format reaches :func:`validate_texts` as sent, which answers 400 for them. It is
+    not ``required`` for the same reason: a missing column gets our one-line message.
+    """
+    from mlflow.types.schema import AnyType, ColSpec, Schema
+
+    return Schema([ColSpec(AnyType(), TEXT_COLUMN, required=False)])
+
+
+def as_frame(model_input: Any) -> Any:
+    """The request as a table of texts. With an ``any`` column MLflow hands the column
+    formats (``{"inputs": {"text": [...]}}``, ``{"inputs": [...]}``) over as one row
+    holding the whole list: spread it into rows. Anything else is returned as it is."""
+    if (
+        isinstance(model_input, pd.DataFrame)
+        and len(model_input) == 1
+        and list(model_input.columns) == [TEXT_COLUMN]
+        and isinstance(model_input[TEXT_COLUMN].iloc[0], list | tuple | np.ndarray)
+    ):
+        values = list(model_input[TEXT_COLUMN].iloc[0])
+        return pd.DataFrame({TEXT_COLUMN: pd.Series(values, dtype=object)})
+    return model_input
+
+
+def bad_input(message: str):  # -> MlflowException
+    """An HTTP 400 whose body is our one line: MLflow's scoring server prefixes the message
+    of any exception from ``predict`` with the whole input (``Failed to predict data
+    '...'``), which repeats the request back and spreads it over several lines."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+    class BadInput(MlflowException):
+        @property
+        def message(self) -> str:
+            return self._line
+
+        @message.setter
+        def message(self, value: str) -> None:
+            if not hasattr(self, "_line"):  # keep the first message: ours
+                self._line = value
+
+    return BadInput(message, error_code=INVALID_PARAMETER_VALUE)
+
+
 class NewsgroupsClassifier(mlflow.pyfunc.PythonModel):
     """MLflow pyfunc: a DataFrame with a ``text`` column -> predictions_frame()."""
 
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
         paths = context.artifacts
         config = json.loads(Path(paths[ARTIFACT_SERVING]).read_text("utf-8"))
-        self.scorer = Scorer.load(
-            Path(paths[ARTIFACT_TOKENIZER]),
-            Path(paths[ARTIFACT_CLASSIFIER]),
-            Path(paths[ARTIFACT_CALIBRATOR]),
-            config,
+        files = ServedFiles(
+            tokenizer=Path(paths[ARTIFACT_TOKENIZER]),
+            classifier=Path(paths[ARTIFACT_CLASSIFIER]),
+            wide=Path(paths[ARTIFACT_WIDE]),
+            blend=Path(paths[ARTIFACT_BLEND]),
+            calibrator=Path(paths[ARTIFACT_CALIBRATOR]),
         )
+        self.scorer = Scorer.load(files, config)
 
     def predict(
         self,
@@ -226,10 +342,8 @@ class NewsgroupsClassifier(mlflow.pyfunc.PythonModel):
         model_input: pd.DataFrame,
         params: dict[str, Any] | None = None,
     ) -> pd.DataFrame:
-        from mlflow.exceptions import MlflowException
-
         try:
-            texts = validate_texts(model_input)
+            texts = validate_texts(as_frame(model_input))
         except ValueError as exc:  # a 400 with this message, not a 500 with a traceback
-            raise MlflowException.invalid_parameter_value(str(exc)) from None
+            raise bad_input(str(exc)) from None
         return predictions_frame(self.scorer.probabilities(texts), self.scorer.groups)

@@ -30,13 +30,13 @@ import torch.nn.functional as F
 import torchmetrics
 from lightning.pytorch.callbacks import Callback, EarlyStopping
 from lightning.pytorch.utilities import rank_zero_only
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from pipeline.config import Section
 from pipeline.errors import PipelineError
-from pipeline.model import BAG_KEYS, Classifier, LanguageModel, model_inputs
+from pipeline.model import Classifier, LanguageModel, model_inputs
 
 Precision = Literal["32-true", "bf16-mixed", "16-mixed", "bf16-true", "64-true"]
 Schedule = Literal["cosine", "linear", "constant"]
@@ -46,7 +46,7 @@ class TrainerParams(Section):
     """The ``trainer`` section: where and how Lightning runs (not what it trains)."""
 
     accelerator: Literal["cpu", "gpu", "cuda", "mps", "auto"] = "cpu"
-    devices: Annotated[int, Field(ge=1)] | Literal["auto"] = 1
+    devices: Annotated[int, Field(ge=-1)] | Literal["auto"] = 1  # -1: every device
     strategy: str = "auto"  # auto, ddp, ddp_spawn, ddp_find_unused_parameters_true, ...
     num_nodes: int = Field(default=1, ge=1)
     precision: Precision = "32-true"
@@ -57,6 +57,13 @@ class TrainerParams(Section):
     threads: int | None = Field(default=None, ge=1)
     log_every_n_steps: int = Field(default=10, ge=1)
     progress_bar: bool = True
+
+    @field_validator("devices")
+    @classmethod
+    def _some_devices(cls, devices: int | str) -> int | str:
+        if devices == 0:
+            raise ValueError("0 devices: use -1 (all), 'auto' or a positive count")
+        return devices
 
 
 class TrainParams(Section):
@@ -111,26 +118,21 @@ def param_groups(
     weight_decay: float,
     n_layers: int,
     layer_decay: float = 1.0,
-    module_lr: dict[str, float] | None = None,
 ) -> list[dict[str, Any]]:
     """AdamW groups: no weight decay on biases, norms and embeddings; with
     ``layer_decay < 1`` a parameter at depth d gets ``lr * layer_decay ** (top - d)``, so
-    lower (more general) layers move less when fine-tuning. ``module_lr`` gives whole
-    top-level modules their own LR (a linear part that needs larger steps than the
-    encoder)."""
-    module_lr = module_lr or {}
+    lower (more general) layers move less when fine-tuning."""
     groups: dict[tuple[int, bool], dict[str, Any]] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        top = name.split(".")[0]
-        depth = n_layers + 2 if top in module_lr else _depth(name, n_layers)
+        depth = _depth(name, n_layers)
         decay = param.ndim >= 2 and "emb" not in name
         key = (depth, decay)
         if key not in groups:
             groups[key] = {
                 "params": [],
-                "lr": module_lr.get(top, lr * layer_decay ** (n_layers + 1 - depth)),
+                "lr": lr * layer_decay ** (n_layers + 1 - depth),
                 "weight_decay": weight_decay if decay else 0.0,
             }
         groups[key]["params"].append(param)
@@ -161,10 +163,9 @@ def configure_adamw(
     run: TrainParams,
     n_layers: int,
     layer_decay: float,
-    module_lr: dict[str, float] | None = None,
 ) -> dict[str, Any]:
     """Optimizer + per-step scheduler for ``configure_optimizers``."""
-    groups = param_groups(net, run.lr, run.weight_decay, n_layers, layer_decay, module_lr)
+    groups = param_groups(net, run.lr, run.weight_decay, n_layers, layer_decay)
     optimizer = torch.optim.AdamW(groups, lr=run.lr, betas=(run.adam_beta1, run.adam_beta2))
     total = module.trainer.estimated_stepping_batches
     if not math.isfinite(total):
@@ -242,8 +243,6 @@ class ClassifierModule(_Base):
         label_smoothing: float = 0.0,
         freeze_epochs: int = 0,
         layer_lr_decay: float = 1.0,
-        bag_lr: float | None = None,
-        bag_loss: str = "joint",
     ) -> None:
         super().__init__()
         self.model = model
@@ -251,8 +250,6 @@ class ClassifierModule(_Base):
         self.label_smoothing = label_smoothing
         self.freeze_epochs = freeze_epochs
         self.layer_lr_decay = layer_lr_decay
-        self.bag_lr = bag_lr
-        self.bag_loss = bag_loss
         self.val_loss = torchmetrics.MeanMetric()
         self.val_acc = torchmetrics.classification.MulticlassAccuracy(n_classes, average="micro")
 
@@ -264,38 +261,14 @@ class ClassifierModule(_Base):
         with torch.set_grad_enabled(not frozen):
             doc = self.model.embed(batch["input_ids"], batch["attention_mask"], batch["chunk_mask"])
         self.train_tokens += int(batch["attention_mask"].sum())
-        loss = self.loss(doc, batch)
+        logits = self.model.classify(doc).float()
+        loss = F.cross_entropy(logits, batch["labels"], label_smoothing=self.label_smoothing)
         self._check_finite(loss)
         self.log("train_loss", loss, prog_bar=True, batch_size=len(batch["labels"]))
         return loss
 
-    def loss(self, doc: Tensor, batch: dict[str, Tensor]) -> Tensor:
-        """Training loss from document vectors. separate: the head and the bag each learn
-        as if alone (an ensemble), so a fast-fitting bag does not leave the encoder a
-        vanishing gradient; joint: one loss on the summed logits; svm: the bag is fitted
-        and frozen before training, only the head's logits are trained."""
-        if self.bag_loss == "svm":
-            return F.cross_entropy(
-                self.model.deep_logits(doc).float(),
-                batch["labels"],
-                label_smoothing=self.label_smoothing,
-            )
-        deep, wide = self.model.classify_parts(doc, *(batch.get(k) for k in BAG_KEYS))
-        if wide is None:
-            parts = [deep]
-        else:
-            parts = [deep, wide] if self.bag_loss == "separate" else [deep + wide]
-        return sum(
-            F.cross_entropy(z.float(), batch["labels"], label_smoothing=self.label_smoothing)
-            for z in parts
-        )
-
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        if self.bag_loss == "svm":  # the part being trained; the blend comes after training
-            doc = self.model.embed(batch["input_ids"], batch["attention_mask"], batch["chunk_mask"])
-            logits = self.model.deep_logits(doc).float()
-        else:
-            logits = self(batch).float()
+        logits = self(batch).float()
         # Plain cross-entropy (no smoothing): the NLL that calibration cares about.
         loss = F.cross_entropy(logits, batch["labels"])
         self.val_loss.update(loss, weight=len(batch["labels"]))
@@ -305,8 +278,7 @@ class ClassifierModule(_Base):
 
     def configure_optimizers(self) -> dict[str, Any]:
         n_layers = self.model.encoder.params.n_layers
-        module_lr = {"bag": self.bag_lr} if self.bag_lr is not None else None
-        return configure_adamw(self, self.model, self.run, n_layers, self.layer_lr_decay, module_lr)
+        return configure_adamw(self, self.model, self.run, n_layers, self.layer_lr_decay)
 
 
 # --------------------------------------------------------------------------- callbacks

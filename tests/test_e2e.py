@@ -21,7 +21,7 @@ def test_smoke_pipeline_reruns_only_what_changed(repo: Path, tiny_archive) -> No
     git_commit(repo)
 
     first = dvc(repo, "repro")
-    assert {"fetch", "tokenize", "pretrain", "finetune", "baseline"} <= ran(first)
+    assert {"fetch", "tokenize", "pretrain", "finetune", "wide", "blend", "baseline"} <= ran(first)
     data = read_json(repo / "reports/data.json")
     assert data["documents"] == {"train": 100, "validation": 20, "test": 60, "total": 180}
     assert data["classes"] == 20 and data["archive"] == "user-supplied"
@@ -37,7 +37,16 @@ def test_smoke_pipeline_reruns_only_what_changed(repo: Path, tiny_archive) -> No
     git_commit(repo, "smoke run")
     exp = dvc(repo, "exp", "run", *(f"-S={o}" for o in overrides), "-S=tokenizer.vocab_size=400")
     # tokenize and what reads tokens rerun; fetch and the TF-IDF baseline do not.
-    assert ran(exp) == {"tokenize", "pretrain", "finetune", "calibrate", "evaluate", "register"}
+    assert ran(exp) == {
+        "tokenize",
+        "pretrain",
+        "finetune",
+        "wide",
+        "blend",
+        "calibrate",
+        "evaluate",
+        "register",
+    }
     assert yaml.safe_load((repo / "params.yaml").read_text())["tokenizer"]["vocab_size"] == 400
     assert read_json(repo / "reports/tokenize.json")["vocab_size"] == 400
     raw = repo / "data/raw/documents.parquet"

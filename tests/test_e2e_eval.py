@@ -8,21 +8,24 @@ import sys
 from pathlib import Path
 
 import pytest
+from mlflow import MlflowClient
 
 from tests.helpers import archive_overrides, dvc, git_commit, ran, read_json, run, write_params
 
 VARIANTS = ("uncalibrated", "calibrated")
+MODELS = ("baseline", "wide", "transformer", "blend")
 PNGS = ("reliability", "confidence", "confusion", "per_class")
 pytestmark = pytest.mark.e2e
 
 
 def _check_metrics(metrics: dict, n_test: int) -> None:
     assert metrics["ece_bins"] == 15
-    for model, variant in itertools.product(("baseline", "transformer"), VARIANTS):
+    assert set(metrics) - {"ece_bins"} == set(MODELS)
+    for model, variant in itertools.product(MODELS, VARIANTS):
         m = metrics[model][variant]
         assert m["n"] == n_test
         # topic words make the tiny posts separable; the tiny transformer trains briefly
-        assert (0.5 if model == "baseline" else 0.1) <= m["accuracy"] <= 1
+        assert (0.1 if model == "transformer" else 0.5) <= m["accuracy"] <= 1
         assert m["accuracy_ci_low"] <= m["accuracy"] <= m["accuracy_ci_high"]
         for key in ("ece", "adaptive_ece", "mce", "classwise_ece", "aurc", "macro_f1"):
             assert 0 <= m[key] <= 1, (model, variant, key, m[key])
@@ -40,6 +43,8 @@ def test_smoke_pipeline_through_evaluate(repo: Path, tiny_archive) -> None:
         "tokenize",
         "pretrain",
         "finetune",
+        "wide",
+        "blend",
         "baseline",
         "calibrate",
         "evaluate",
@@ -48,19 +53,27 @@ def test_smoke_pipeline_through_evaluate(repo: Path, tiny_archive) -> None:
     _check_metrics(read_json(repo / "reports/metrics.json"), n_test=60)
     assert read_json(repo / "reports/calibrate.json")["baseline"]["method"] == "temperature"
     plots = repo / "reports/plots"
-    for model, name in itertools.product(("baseline", "transformer"), PNGS):
+    for model, name in itertools.product(MODELS, PNGS):
         assert (plots / f"{model}/{name}.png").stat().st_size > 1000
     assert (plots / "risk_coverage.png").is_file()
     report = (repo / "reports/report.md").read_text(encoding="utf-8")
     assert "15 equal-width bins" in report and "| baseline | temperature |" in report
-    assert "| transformer | temperature |" in report
+    for model in MODELS:
+        assert f"| {model} | temperature |" in report
+    # one evaluate run per model in the tracking store, all of one pipeline execution
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name("newsgroups-pipeline")
+    runs = client.search_runs(
+        [experiment.experiment_id], f"tags.stage = 'evaluate' and tags.git_commit = '{head(repo)}'"
+    )
+    assert sorted(r.data.tags["model"] for r in runs) == sorted(MODELS)
     assert "reports/metrics.json" in dvc(repo, "metrics", "show")
     # Every plot declared in dvc.yaml resolves (DVC reports unreadable sources as errors).
     shown = json.loads(dvc(repo, "plots", "show", "--json"))
     assert not shown.get("errors"), shown.get("errors")
     assert {
-        "Reliability, baseline",
-        "Reliability, transformer",
+        "Reliability (calibrated)",
+        "Confusion, blend",
         "Pretraining loss (MLM)",
         "Fine-tuning loss",
     } <= set(shown["data"])
@@ -92,8 +105,20 @@ def test_smoke_pipeline_through_evaluate(repo: Path, tiny_archive) -> None:
     assert predictions.read_bytes() == before[predictions]  # baseline untouched
     assert "calibrate.method" in dvc(repo, "params", "diff", "HEAD")
 
+    # A wide param reruns the wide model and what reads it, nothing upstream; a blend
+    # param reruns neither model.
+    exp = dvc(repo, "exp", "run", *(f"-S={o}" for o in overrides), "-S=wide.C=0.5")
+    assert ran(exp) == {"wide", "blend", "calibrate", "evaluate", "register"}
+    exp = dvc(repo, "exp", "run", *(f"-S={o}" for o in overrides), "-S=blend.folds=3")
+    assert ran(exp) == {"blend", "calibrate", "evaluate", "register"}
+    assert read_json(repo / "reports/blend.json")["folds"] == 3
+
     # Changing only a finetune param reruns finetune and what follows, never pretrain.
     exp = dvc(repo, "exp", "run", *(f"-S={o}" for o in overrides), "-S=finetune.dropout=0.2")
-    assert ran(exp) == {"finetune", "calibrate", "evaluate", "register"}
+    assert ran(exp) == {"finetune", "blend", "calibrate", "evaluate", "register"}
     pretrained = repo / "data/models/pretrained/model.safetensors"
     assert pretrained.read_bytes() == before[pretrained]
+
+
+def head(repo: Path) -> str:
+    return run(["git", "rev-parse", "HEAD"], repo).stdout.strip()

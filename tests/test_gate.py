@@ -235,5 +235,6 @@ def test_compare_is_pure_and_boundaries_hold() -> None:
 def test_default_gate_config_is_valid() -> None:
     conf = yaml.safe_load((ROOT / "conf/gate/default.yaml").read_text(encoding="utf-8"))
     params = GateParams.model_validate(conf)
-    assert set(params.models) == {"transformer", "baseline"}
+    calibrate = yaml.safe_load((ROOT / "conf/calibrate/default.yaml").read_text(encoding="utf-8"))
+    assert set(params.models) == set(calibrate["models"])  # every evaluated model is gated
     assert params.variant == "calibrated"

