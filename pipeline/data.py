@@ -265,13 +265,35 @@ class ClassifyCollator:
         }
 
 
+class EpochShuffle(torch.utils.data.Sampler[int]):
+    """A seeded permutation per epoch: epoch e's order depends only on (seed, e).
+
+    Lightning calls :meth:`set_epoch` before each training epoch, so a run resumed from an
+    end-of-epoch checkpoint draws the same order as an uninterrupted one (a generator
+    created once and advanced epoch by epoch would start over after a restart).
+    """
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(torch.randperm(self.n, generator=generator).tolist())
+
+    def __len__(self) -> int:
+        return self.n
+
+
 class TokenizedDataModule(L.LightningDataModule):
     """Train/validation loaders over ``data/tokenized`` with the given collators.
 
     Splits are passed in already loaded (:func:`load_splits`), so the stage validates its
-    inputs once, before any process is launched. The train loader shuffles with a
-    generator seeded from ``seed``; under DDP Lightning swaps in a DistributedSampler
-    seeded from the global seed.
+    inputs once, before any process is launched. The train loader shuffles with
+    :class:`EpochShuffle` (seeded by ``seed`` and the epoch); under DDP Lightning wraps it
+    in a distributed sampler seeded from the global seed.
     """
 
     def __init__(
@@ -297,15 +319,18 @@ class TokenizedDataModule(L.LightningDataModule):
         self.drop_last = drop_last
 
     def _loader(self, split: str, *, train: bool) -> DataLoader:
+        data = self.splits[split]
         return DataLoader(
-            self.splits[split],
+            data,
             batch_size=self.batch_size if train else self.eval_batch_size,
-            shuffle=train,
+            sampler=EpochShuffle(len(data), self.seed) if train else None,
             drop_last=train and self.drop_last,
             collate_fn=self.train_collate if train else self.eval_collate,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
-            generator=torch.Generator().manual_seed(self.seed) if train else None,
+            # its own generator: creating an iterator draws a worker seed from it, which
+            # must not advance the global RNG (resumed runs create them at other times)
+            generator=torch.Generator().manual_seed(self.seed),
         )
 
     def train_dataloader(self) -> DataLoader:

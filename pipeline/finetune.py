@@ -51,10 +51,13 @@ from pipeline.schemas import GROUPS, PREDICTION_SPLITS, Predictions, validate
 from pipeline.training import (
     BestWeights,
     ClassifierModule,
+    EpochSeed,
     LossCurve,
     TrainerParams,
     TrainParams,
     build_trainer,
+    discard_checkpoints,
+    last_checkpoint,
     maybe_compile,
     predict_logits,
     say,
@@ -153,6 +156,7 @@ def run(
     out_predictions: Path = OUT_PREDICTIONS,
     report: Path = REPORT,
     curves: Path = CURVES,
+    checkpoints: Path | None = None,
     **trainer_overrides: Any,
 ) -> dict[str, Any] | None:
     """Fine-tune, predict and write the outputs; returns the report on rank 0."""
@@ -190,9 +194,13 @@ def run(
     )
     best = BestWeights(params.monitor, "min" if params.monitor == "val_loss" else "max")
     curve = LossCurve(every=trainer_params.log_every_n_steps, val_keys=("val_loss", "val_acc"))
-    trainer = build_trainer(trainer_params, params, [best, curve], **trainer_overrides)
+    callbacks = [best, curve, EpochSeed(seed)]
+    trainer = build_trainer(trainer_params, params, callbacks, checkpoints, **trainer_overrides)
+    resume = last_checkpoint(checkpoints)
+    if resume is not None:
+        say(f"finetune: resuming the interrupted run from {resume}")
     start = time.perf_counter()
-    trainer.fit(maybe_compile(module, trainer_params), datamodule=data)
+    trainer.fit(maybe_compile(module, trainer_params), datamodule=data, ckpt_path=resume)
     seconds = time.perf_counter() - start
     if not trainer.is_global_zero:
         return None
@@ -219,6 +227,7 @@ def run(
         "train_tokens_per_second": round(module.train_tokens * trainer.world_size / seconds, 1),
         "world_size": trainer.world_size,
         "parameters": counts,
+        "resumed": resume is not None,
     }
     with atomic_outputs() as out:
         config = encoder_config(
@@ -238,6 +247,7 @@ def run(
         write_curve(curve_dir / "train.csv", curve.train)
         write_curve(curve_dir / "validation.csv", curve.val)
         write_json(out.file(report), result)
+    discard_checkpoints(checkpoints)
     say(
         f"finetune: validation accuracy {result['validation_accuracy']:.4f}, NLL "
         f"{result['validation_nll']:.4f} (weights of step {result['selected_step']}); weights in "
@@ -248,7 +258,8 @@ def run(
 
 
 def main() -> None:
-    training_stage_main("finetune", FinetuneParams, run, REPORT, CURVES)
+    inputs = [TOKENIZED, TOKENIZER, PRETRAINED]  # the pretrained encoder only when it is used
+    training_stage_main("finetune", FinetuneParams, run, REPORT, CURVES, inputs)
 
 
 if __name__ == "__main__":

@@ -37,11 +37,14 @@ from pipeline.model import (
 )
 from pipeline.schemas import GROUPS
 from pipeline.training import (
+    EpochSeed,
     LMModule,
     LossCurve,
     TrainerParams,
     TrainParams,
     build_trainer,
+    discard_checkpoints,
+    last_checkpoint,
     maybe_compile,
     say,
     training_stage_main,
@@ -73,6 +76,7 @@ def run(
     out_model: Path = OUT_MODEL,
     report: Path = REPORT,
     curves: Path = CURVES,
+    checkpoints: Path | None = None,
     **trainer_overrides: Any,
 ) -> dict[str, Any] | None:
     """Pretrain and write the outputs; returns the report on rank 0 (None elsewhere)."""
@@ -100,9 +104,13 @@ def run(
     )
     module = LMModule(model, params)
     curve = LossCurve(every=trainer_params.log_every_n_steps)
-    trainer = build_trainer(trainer_params, params, [curve], **trainer_overrides)
+    callbacks = [curve, EpochSeed(seed)]
+    trainer = build_trainer(trainer_params, params, callbacks, checkpoints, **trainer_overrides)
+    resume = last_checkpoint(checkpoints)
+    if resume is not None:
+        say(f"pretrain: resuming the interrupted run from {resume}")
     start = time.perf_counter()
-    trainer.fit(maybe_compile(module, trainer_params), datamodule=data)
+    trainer.fit(maybe_compile(module, trainer_params), datamodule=data, ckpt_path=resume)
     seconds = time.perf_counter() - start
     # A final held-out pass on the final weights (the last scheduled validation may be
     # steps behind them); every rank takes part, rank 0 writes.
@@ -121,6 +129,7 @@ def run(
         "train_tokens_per_second": round(module.train_tokens * trainer.world_size / seconds, 1),
         "world_size": trainer.world_size,
         "parameters": counts,
+        "resumed": resume is not None,
     }
     with atomic_outputs() as out:
         config = encoder_config(
@@ -131,6 +140,7 @@ def run(
         write_curve(curve_dir / "train.csv", curve.train)
         write_curve(curve_dir / "validation.csv", curve.val)
         write_json(out.file(report), result)
+    discard_checkpoints(checkpoints)
     say(
         f"pretrain: val loss {val_loss:.4f} (perplexity {result['val_perplexity']}) after "
         f"{result['steps']} steps; weights in {out_model}/, metrics in {report}, "
@@ -140,7 +150,7 @@ def run(
 
 
 def main() -> None:
-    training_stage_main("pretrain", PretrainParams, run, REPORT, CURVES)
+    training_stage_main("pretrain", PretrainParams, run, REPORT, CURVES, [TOKENIZED, TOKENIZER])
 
 
 if __name__ == "__main__":

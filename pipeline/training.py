@@ -16,8 +16,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import hashlib
+import json
 import math
+import random
+import shutil
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
@@ -36,6 +41,7 @@ from torch.utils.data import DataLoader
 
 from pipeline.config import Section
 from pipeline.errors import PipelineError
+from pipeline.io import sha256_file
 from pipeline.model import Classifier, LanguageModel, model_inputs
 
 Precision = Literal["32-true", "bf16-mixed", "16-mixed", "bf16-true", "64-true"]
@@ -305,6 +311,12 @@ class BestWeights(Callback):
             model = pl_module.model  # type: ignore[attr-defined]
             self.state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
+    def state_dict(self) -> dict[str, Any]:  # kept in resume checkpoints
+        return {"best": self.best, "best_step": self.best_step, "state": self.state}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best, self.best_step, self.state = state["best"], state["best_step"], state["state"]
+
 
 class LossCurve(Callback):
     """Training loss every ``every`` optimizer steps (mean over the micro-batches since
@@ -337,16 +349,92 @@ class LossCurve(Callback):
         else:
             self.val.append(row)
 
+    def state_dict(self) -> dict[str, Any]:  # kept in resume checkpoints
+        return {"train": self.train, "val": self.val, "sum": self._sum, "n": self._n}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.train, self.val = list(state["train"]), list(state["val"])
+        self._sum, self._n = state["sum"], state["n"]
+
+
+class EpochSeed(Callback):
+    """Reseeds Python, NumPy and torch at the start of every training epoch from
+    (seed, epoch): an epoch's randomness (windows, masks, dropout) then depends only on the
+    state it starts from, so a run resumed from an end-of-epoch checkpoint continues
+    exactly like an uninterrupted one (same weights at the end, tested)."""
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        value = (self.seed * 1_000_003 + trainer.current_epoch) % 2**32
+        random.seed(value)
+        np.random.seed(value)
+        torch.manual_seed(value)
+
+
+# ----------------------------------------------------------------------- checkpoints
+
+CHECKPOINTS = Path(".checkpoints")
+"""Resume checkpoints live here, outside every DVC output (DVC deletes a stage's outputs
+before running it) and git-ignored: ``.checkpoints/<stage>/<key>/last.ckpt``."""
+
+
+def checkpoint_folder(stage: str, params: dict[str, Any], inputs: list[Path]) -> Path:
+    """The checkpoint folder of one stage run: its key hashes the stage's params and the
+    contents of its inputs, so only a rerun of the same stage, params and data resumes."""
+    digest = hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode())
+    for root in map(Path, inputs):
+        files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
+        for path in files:
+            digest.update(str(path.relative_to(root.parent)).encode())
+            digest.update(sha256_file(path).encode())
+    return CHECKPOINTS / stage / digest.hexdigest()[:16]
+
+
+class EpochCheckpoint(Callback):
+    """``last.ckpt`` in ``folder`` at the end of every training epoch: weights, optimizer,
+    schedule, loop position and the callbacks' states (Lightning writes it through a
+    temporary file, so a kill mid-write leaves the previous one whole)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        trainer.save_checkpoint(self.folder / "last.ckpt")
+
+
+def last_checkpoint(folder: Path | None) -> Path | None:
+    """The checkpoint to resume from, if an interrupted run of the same key left one."""
+    if folder is None:
+        return None
+    path = folder / "last.ckpt"
+    return path if path.is_file() else None
+
+
+def discard_checkpoints(folder: Path | None) -> None:
+    """After a successful run: the stage's checkpoints (every key) are not needed anymore."""
+    if folder is not None and folder.parent.is_dir():
+        shutil.rmtree(folder.parent, ignore_errors=True)
+        with contextlib.suppress(OSError):  # the root too, once no stage has checkpoints
+            folder.parent.parent.rmdir()
+
 
 # ----------------------------------------------------------------------------- trainer
 
 
 def build_trainer(
-    tp: TrainerParams, run: TrainParams, callbacks: list[Callback], **overrides: Any
+    tp: TrainerParams,
+    run: TrainParams,
+    callbacks: list[Callback],
+    checkpoints: Path | None = None,
+    **overrides: Any,
 ) -> L.Trainer:
-    """A Trainer from the two sections; no checkpoint files (the stage writes its own
-    outputs atomically). ``overrides`` go straight to ``L.Trainer`` (the stages pass their
-    MLflow ``logger`` this way; tests pass limits)."""
+    """A Trainer from the two sections. The stage writes its outputs itself, atomically;
+    with ``checkpoints``, Lightning also saves ``last.ckpt`` there at the end of every
+    epoch, to resume an interrupted run (see :func:`checkpoint_folder`). ``overrides`` go
+    straight to ``L.Trainer`` (the stages pass their MLflow ``logger`` this way; tests pass
+    limits)."""
     if run.early_stop_patience is not None:
         monitor = next((cb for cb in callbacks if isinstance(cb, BestWeights)), None)
         key, mode = (monitor.monitor, monitor.mode) if monitor else ("val_loss", "min")
@@ -368,11 +456,13 @@ def build_trainer(
         "accumulate_grad_batches": run.accumulate,
         "callbacks": callbacks,
         "logger": False,  # or the stage's MLFlowLogger, through ``overrides``
-        "enable_checkpointing": False,
+        "enable_checkpointing": False,  # Lightning's own; EpochCheckpoint writes ours
         "enable_progress_bar": tp.progress_bar,
         "log_every_n_steps": tp.log_every_n_steps,
         "num_sanity_val_steps": 0,
     }
+    if checkpoints is not None:  # last, so it saves the other callbacks' final state
+        kwargs["callbacks"] = [*kwargs["callbacks"], EpochCheckpoint(checkpoints)]
     if run.val_every_steps is not None:
         # Lightning counts batches here, not optimizer steps, across epoch boundaries.
         kwargs["val_check_interval"] = run.val_every_steps * run.accumulate
@@ -437,10 +527,12 @@ def training_stage_main(
     run: Callable[..., dict[str, Any] | None],
     report: Path,
     curves: Path,
+    inputs: list[Path],
 ) -> None:
     """The thin ``main()`` of ``pretrain`` and ``finetune``: read the ``model``, stage and
     ``trainer`` sections, connect to MLflow before training (an unreachable server fails
-    now, not after), train with Lightning's MLflow logger, then complete the stage's run."""
+    now, not after), train with Lightning's MLflow logger (resuming from the checkpoint of
+    an interrupted run of the same params and ``inputs``), then complete the stage's run."""
     from pipeline.config import load_section, load_seed
     from pipeline.model import ModelParams
     from pipeline.tracking import StageRun
@@ -450,8 +542,15 @@ def training_stage_main(
     trainer_params = load_section("trainer", TrainerParams)
     seed = load_seed()
     tracking = StageRun(stage)
+    sections = {
+        "seed": seed,
+        "model": model_params.model_dump(),
+        stage: params.model_dump(),
+        "trainer": trainer_params.model_dump(exclude={"progress_bar"}),  # display only
+    }
+    checkpoints = checkpoint_folder(stage, sections, [p for p in inputs if p.exists()])
     logger = tracking.lightning_logger()  # curves per step, in this stage's MLflow run
     extra = {"logger": logger} if logger else {}
-    result = run(model_params, params, trainer_params, seed, **extra)
+    result = run(model_params, params, trainer_params, seed, checkpoints=checkpoints, **extra)
     if result is not None:  # rank 0 only
         tracking.log(["seed", "model", stage, "trainer"], result, [report, curves])

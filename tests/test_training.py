@@ -465,3 +465,68 @@ def test_ddp_finetune_on_two_cpu_processes(corpus: Path, tmp_path: Path) -> None
     Predictions.validate(table)
     assert len(table) == SIZES["validation"] + SIZES["test"]
     assert proc.stdout.count("finetune: validation accuracy") == 1  # rank 0 reports once
+
+
+# ------------------------------------------------------------------ resume after a crash
+
+
+def pretrain_workdir(corpus: Path, folder: Path) -> Path:
+    """A stage folder (params.yaml, data/ linked to the tiny corpus) for an epoch-based
+    pretraining that runs long enough to be killed between two checkpoints."""
+    (folder / "data").mkdir(parents=True)
+    for name in ("tokenizer", "tokenized"):
+        (folder / "data" / name).symlink_to(corpus / "data" / name)
+    pretrain = {**PRETRAIN, "max_steps": None, "max_epochs": 40, "val_every_steps": None}
+    params = {
+        "seed": 0,
+        "model": MODEL,
+        "pretrain": pretrain,
+        "trainer": {**TRAINER, "threads": 1},
+        "tracking": {"enabled": False},
+    }
+    (folder / "params.yaml").write_text(yaml.safe_dump(params))
+    return folder
+
+
+def stage_process(folder: Path) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "pipeline.pretrain"],
+        cwd=folder,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def test_a_killed_training_stage_resumes_to_the_same_weights(corpus: Path, tmp_path: Path) -> None:
+    """SIGKILL after the first end-of-epoch checkpoint, rerun: the resumed run ends with
+    exactly the weights of an uninterrupted run, and its checkpoints are gone."""
+    import signal
+    import time
+
+    whole = pretrain_workdir(corpus, tmp_path / "whole")
+    out, _ = stage_process(whole).communicate(timeout=600)
+    assert not (whole / ".checkpoints").exists(), out  # discarded after success
+    expected = (whole / "data/models/pretrained/model.safetensors").read_bytes()
+
+    killed = pretrain_workdir(corpus, tmp_path / "killed")
+    proc = stage_process(killed)
+    deadline = time.monotonic() + 600
+    while not list(killed.glob(".checkpoints/pretrain/*/last.ckpt")):
+        assert proc.poll() is None, f"finished before a checkpoint was seen:\n{proc.stdout.read()}"
+        assert time.monotonic() < deadline, "no checkpoint within 600 s"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    assert not (killed / "data/models/pretrained").exists()  # nothing half-written
+
+    resumed = stage_process(killed)
+    out, _ = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, out[-3000:]
+    assert "pretrain: resuming the interrupted run from .checkpoints/pretrain/" in out
+    assert json.loads((killed / "reports/pretrain.json").read_text())["resumed"] is True
+    assert (killed / "data/models/pretrained/model.safetensors").read_bytes() == expected
+    assert not (killed / ".checkpoints/pretrain").exists()
