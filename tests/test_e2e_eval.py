@@ -109,7 +109,9 @@ def test_smoke_pipeline_through_evaluate(repo: Path, tiny_archive) -> None:
     # param reruns neither model.
     exp = dvc(repo, "exp", "run", *(f"-S={o}" for o in overrides), "-S=wide.C=0.5")
     assert ran(exp) == {"wide", "blend", "calibrate", "evaluate", "register"}
-    exp = dvc(repo, "exp", "run", *(f"-S={o}" for o in overrides), "-S=blend.folds=3")
+    exp = dvc(
+        repo, "exp", "run", *(f"-S={o}" for o in overrides), "-S=wide.C=0.5", "-S=blend.folds=3"
+    )
     assert ran(exp) == {"blend", "calibrate", "evaluate", "register"}
     assert read_json(repo / "reports/blend.json")["folds"] == 3
 
