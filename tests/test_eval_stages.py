@@ -224,7 +224,8 @@ def test_metrics_table_rejects_nonsense() -> None:
     row = {
         "model": "m", "variant": "calibrated", "n": 10, "accuracy": 0.5,
         "accuracy_ci_low": 0.6, "accuracy_ci_high": 0.4, "macro_f1": 0.5, "nll": 1.0,
-        "brier": 0.5, "ece": 1.5, "ece_ci_low": 0.1, "ece_ci_high": 0.2, "adaptive_ece": 0.1,
+        "brier": 0.5, "ece": 1.5, "ece_ci_low": 0.1, "ece_ci_high": 0.2, "ece_debiased": 0.1,
+        "adaptive_ece": 0.1,
         "mce": 0.2, "classwise_ece": 0.01, "aurc": 0.1,
     }  # fmt: skip
     with pytest.raises(PipelineError, match="ece") as info:
