@@ -67,7 +67,7 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def _check_logits(logits: np.ndarray, num_classes: int | None = None) -> np.ndarray:
-    logits = np.asarray(logits, dtype=np.float64)
+    logits = np.array(logits, dtype=np.float64)  # a writable copy: torch refuses read-only
     if logits.ndim != 2 or logits.shape[0] == 0 or logits.shape[1] < 2:
         raise ValueError(f"logits must have shape (n>0, k>=2), got {logits.shape}")
     if num_classes is not None and logits.shape[1] != num_classes:

@@ -147,6 +147,19 @@ def test_temperature_is_recovered_and_reported() -> None:
     assert report["validation_ece_after"] < report["validation_ece_before"]
 
 
+@pytest.mark.parametrize(
+    ("method", "keys"), [("ets", {"temperature", "weights"}), ("temperature_platt", {"slope"})]
+)
+def test_low_parameter_methods_report_their_parameters(method: str, keys: set[str]) -> None:
+    docs = _docs(n_per_class=10)
+    _, logits, labels = split_arrays(_predictions(docs, scale=6.0), "validation")
+    calibrator, report = calibrate_model(logits, labels, _params(method=method), seed=0)
+    assert report["method"] == calibrator.method == method
+    state = calibrator.to_dict()
+    assert keys <= set(report) and all(report[k] == state[k] for k in keys)
+    assert json.loads(json.dumps(report))["method"] == method
+
+
 def test_auto_reports_the_cv_table_and_picks_its_best() -> None:
     docs = _docs(n_per_class=10)
     _, logits, labels = split_arrays(_predictions(docs, scale=6.0), "validation")
@@ -182,10 +195,13 @@ def test_invalid_calibrate_params(tmp_path: Path, values: dict, message: str) ->
 def test_default_sections_validate() -> None:
     path = ROOT / "params.yaml"
     assert load_section("baseline", BaselineParams, path).C == 10.0
-    assert load_section("calibrate", CalibrateParams, path).method == "temperature"
+    calibrate = load_section("calibrate", CalibrateParams, path)
+    assert calibrate.method == "auto"
+    assert calibrate.auto_methods == ["temperature", "ets", "temperature_platt"]
     assert load_section("evaluate", EvaluateParams, path).bootstrap >= 1000
     smoke = yaml.safe_load(compose(["experiment=smoke"]))
     assert smoke["evaluate"]["bootstrap"] < 1000
+    assert smoke["calibrate"]["method"] == "temperature"  # too few rows for auto's CV
 
 
 # --- evaluate ------------------------------------------------------------------------------
