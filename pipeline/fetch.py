@@ -16,7 +16,8 @@ threads, so validation posts, like test posts, mostly start conversations the mo
 not seen), ``latest`` (each group's newest posts) or ``random``.
 
 Outputs: ``data/raw/documents.parquet`` (id, split, label, label_name, text) and
-``reports/data.json`` (documents per split and class, content digests).
+``reports/data.json`` (documents per split and class, content digests, the validation
+scheme and the share of validation and test posts whose thread has train posts).
 """
 
 from __future__ import annotations
@@ -57,9 +58,9 @@ MAX_TOTAL_BYTES = 1 << 30
 MEMBER_RE = re.compile(r"^(?:[^/]+/)?20news-bydate-(train|test)/([^/]+)/([^/]+)$")
 # Anything deeper than <group>/<post>: a folder inside a group, never part of bydate.
 NESTED_RE = re.compile(r"^(?:[^/]+/)?20news-bydate-(?:train|test)/[^/]+/[^/]+/")
-# Control bytes a text post may hold in numbers: tab, newline, carriage return, form feed.
-# Real posts also carry a few stray ones (backspace overstrikes, ^B art in a signature:
-# at most 7.4% of one post's bytes); binary data has a NUL or about 11% of them.
+# Control bytes (C0 and DEL) other than tab, newline, carriage return and form feed, which
+# text holds in numbers. Real posts carry a few stray ones (backspace overstrikes, ^B art
+# in a signature: at most 7.4% of one post's bytes); binary data has a NUL or about 11%.
 CONTROL_BYTES = bytes(b for b in range(32) if b not in b"\t\n\r\f") + b"\x7f"
 MAX_CONTROL_SHARE = 0.10
 # Reply/forward prefixes of a Subject line: "Re:", "RE :", "Fwd:", "Fw:", "Re[2]:", "Re^2:".
@@ -447,12 +448,14 @@ def build_table(
     df = raw.assign(text=texts, _thread=threads)[nonempty].reset_index(drop=True)
     df = split_validation(df, df["_thread"], params, seed)
     df = order_rows(subsample(df, params.max_docs_per_class, seed))
+    where = f"{OUT_DIR / OUT_TABLE}"
+    check_groups(df, ("train", "test"), where)  # `remove` could have emptied a group
+    unit = "2 threads" if params.validation == "thread" else "2 posts"
     hint = (
-        f" (data.validation={params.validation} can split a group only when it has at least "
-        + ("2 threads" if params.validation == "thread" else "2 posts")
-        + " in train)"
+        f" (data.validation={params.validation} can split a group only when it has at "
+        f"least {unit} in train)"
     )
-    check_groups(df, SPLITS, f"{OUT_DIR / OUT_TABLE}", hint)
+    check_groups(df, ("validation",), where, hint)
     return df.drop(columns="_thread"), df["_thread"], int((~nonempty).sum())
 
 
