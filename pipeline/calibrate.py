@@ -28,8 +28,10 @@ from pipeline.tracking import StageRun
 OUT_DIR = Path("data/models/calibrator")
 REPORT = Path("reports/calibrate.json")
 
-Method = Literal["temperature", "vector", "matrix", "histogram", "isotonic", "none"]
-MethodOrAuto = Literal["temperature", "vector", "matrix", "histogram", "isotonic", "none", "auto"]
+Method = Literal[
+    "temperature", "ets", "temperature_platt", "vector", "matrix", "histogram", "isotonic", "none"
+]
+MethodOrAuto = Literal[Method, "auto"]
 
 
 class ScalingOptions(Section):
@@ -41,6 +43,10 @@ class TemperatureOptions(Section):
     max_iter: int = Field(default=100, ge=1)
 
 
+class IterOptions(Section):
+    max_iter: int = Field(default=200, ge=1)
+
+
 class HistogramOptions(Section):
     n_bins: int = Field(default=15, ge=1, le=1000)
 
@@ -49,6 +55,8 @@ class CalibrateOptions(Section):
     """Per-method options, passed to :func:`pipeline.calibration.fit_calibrator`."""
 
     temperature: TemperatureOptions = TemperatureOptions()
+    ets: IterOptions = IterOptions()
+    temperature_platt: IterOptions = IterOptions()
     vector: ScalingOptions = ScalingOptions(reg=1e-3, max_iter=200)
     matrix: ScalingOptions = ScalingOptions(reg=1e-2, max_iter=500)
     histogram: HistogramOptions = HistogramOptions()
@@ -97,8 +105,9 @@ def calibrate_model(
         validation_ece_before=ece(before, labels),
         validation_ece_after=ece(after, labels),
     )
-    if method == "temperature":
-        report["temperature"] = calibrator.temperature
+    if method in ("temperature", "ets", "temperature_platt"):  # a few numbers: show them
+        state = calibrator.to_dict()
+        report.update({k: state[k] for k in state if k not in ("method", "num_classes")})
     return calibrator, report
 
 

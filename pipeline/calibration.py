@@ -5,6 +5,12 @@ share one interface, so the ``calibrate`` stage can swap them with a param:
 
 - ``temperature`` (the default; Guo et al. 2017): ``softmax(z / T)`` with one scalar ``T``
   fitted by minimising NLL. It never changes the argmax, so accuracy is untouched.
+- ``ets``, ensemble temperature scaling (Zhang et al. 2020, "Mix-n-Match"): a convex mix
+  ``w1 softmax(z / T) + w2 softmax(z) + w3 / k``, 3 free parameters. The uniform part caps
+  how sure the model can be, which is what transfers when test is harder than validation.
+- ``temperature_platt``: temperature scaling, then a Platt map ``a s + b`` (``a > 0``) of
+  the top label's log-odds ``s``; the other classes share the rest in their tempered
+  proportions. 3 parameters, fitted jointly; the argmax never changes.
 - ``vector``: ``softmax(z * w + b)``, per-class scale and shift.
 - ``matrix``: ``softmax(z @ W.T + b)``, L2-regularised toward the identity (``W = I``,
   ``b = 0``) because its k^2 + k parameters overfit a small validation split.
@@ -36,7 +42,15 @@ from sklearn.model_selection import StratifiedKFold
 from pipeline.errors import PipelineError
 from pipeline.metrics import nll, torch_single_thread
 
-METHODS: tuple[str, ...] = ("temperature", "vector", "matrix", "histogram", "isotonic")
+METHODS: tuple[str, ...] = (
+    "temperature",
+    "ets",
+    "temperature_platt",
+    "vector",
+    "matrix",
+    "histogram",
+    "isotonic",
+)
 """The calibration methods :func:`select_auto` compares by default, simplest first."""
 
 DEFAULT_METHOD = "temperature"
@@ -53,7 +67,7 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def _check_logits(logits: np.ndarray, num_classes: int | None = None) -> np.ndarray:
-    logits = np.asarray(logits, dtype=np.float64)
+    logits = np.array(logits, dtype=np.float64)  # a writable copy: torch refuses read-only
     if logits.ndim != 2 or logits.shape[0] == 0 or logits.shape[1] < 2:
         raise ValueError(f"logits must have shape (n>0, k>=2), got {logits.shape}")
     if num_classes is not None and logits.shape[1] != num_classes:
@@ -230,6 +244,168 @@ class TemperatureScaling(Calibrator):
         if t <= 0:
             raise PipelineError(f"calibrator state: temperature={t} must be > 0")
         return cls(k, t)
+
+
+def _fit_temperature(logits: np.ndarray, labels: np.ndarray, max_iter: int) -> float:
+    """The NLL-optimal temperature: the starting point of the methods built on it."""
+    return TemperatureScaling.fit(logits, labels, 0, max_iter=max_iter).temperature
+
+
+def _positive(state: Mapping[str, Any], key: str) -> float:
+    value = float(_as_array(state, key, ()))
+    if value <= 0:
+        raise PipelineError(f"calibrator state: {key}={value} must be > 0")
+    return value
+
+
+@dataclass(eq=False)
+class EnsembleTemperatureScaling(Calibrator):
+    """``w1 softmax(z / T) + w2 softmax(z) + w3 / k`` (Zhang et al. 2020, "Mix-n-Match").
+
+    ``T`` and the weights (a point of the simplex, parameterised by a softmax) are fitted
+    together by NLL, starting from plain temperature scaling. Every part ranks the classes
+    as ``z`` does, so the argmax never changes (unless ``w3`` were exactly 1).
+    """
+
+    method: ClassVar[str] = "ets"
+    num_classes: int
+    temperature: float
+    weights: np.ndarray  # (tempered, raw, uniform), non-negative, summing to 1
+
+    @classmethod
+    def fit(
+        cls, logits: np.ndarray, labels: np.ndarray, seed: int, max_iter: int = 200
+    ) -> EnsembleTemperatureScaling:
+        logits = _check_logits(logits)
+        labels = _check_labels(labels, *logits.shape)
+        k = logits.shape[1]
+        z, y = torch.from_numpy(logits), torch.from_numpy(labels)
+        t0 = _fit_temperature(logits, labels, max_iter)
+        log_t = torch.tensor(np.log(t0), dtype=torch.float64, requires_grad=True)
+        start = np.log([0.9, 0.05, 0.05])
+        mix = torch.tensor(start, dtype=torch.float64, requires_grad=True)
+        raw = F.log_softmax(z, dim=1).gather(1, y[:, None])[:, 0]
+        uniform = torch.full_like(raw, -float(np.log(k)))
+
+        def loss() -> torch.Tensor:
+            tempered = F.log_softmax(z / log_t.exp(), dim=1).gather(1, y[:, None])[:, 0]
+            parts = torch.stack([tempered, raw, uniform], dim=1) + F.log_softmax(mix, dim=0)
+            return -torch.logsumexp(parts, dim=1).mean()
+
+        _lbfgs([log_t, mix], loss, max_iter)
+        weights = F.softmax(mix.detach(), dim=0).numpy().copy()
+        return cls(k, float(log_t.detach().exp()), weights)
+
+    def _predict(self, logits: np.ndarray) -> np.ndarray:
+        w = self.weights
+        return (
+            w[0] * softmax(logits / self.temperature)
+            + w[1] * softmax(logits)
+            + w[2] / self.num_classes
+        )
+
+    def _state(self) -> dict[str, Any]:
+        return {"temperature": self.temperature, "weights": self.weights.tolist()}
+
+    @classmethod
+    def _from_state(cls, state: Mapping[str, Any], k: int) -> EnsembleTemperatureScaling:
+        weights = _as_array(state, "weights", (3,))
+        if weights.min() < 0 or abs(weights.sum() - 1) > 1e-9:
+            raise PipelineError("calibrator state: 'weights' must be >= 0 and sum to 1")
+        return cls(k, _positive(state, "temperature"), weights)
+
+
+TOP_MARGIN = 1e-9
+"""How far (in log-odds) the top label stays above the runner-up after a Platt map."""
+
+
+def _top_label_parts(u: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Top index, top-label log-odds, runner-up floor and rest distribution of logits ``u``.
+
+    ``s = u_top - logsumexp(u_others)`` is ``log(p_top / (1 - p_top))``; the floor
+    ``u_second - logsumexp(u_others)`` is the log-odds at which the top would tie the
+    runner-up once the others are rescaled; ``rest`` is the softmax over the other classes.
+    """
+    n = len(u)
+    top = u.argmax(axis=1)
+    others = u.copy()
+    others[np.arange(n), top] = -np.inf
+    shift = others.max(axis=1, keepdims=True)
+    e = np.exp(others - shift)
+    lse = np.log(e.sum(axis=1)) + shift[:, 0]
+    rest = e / e.sum(axis=1, keepdims=True)
+    return top, u[np.arange(n), top] - lse, shift[:, 0] - lse, rest
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 0.5 * (1.0 + np.tanh(0.5 * x))
+
+
+@dataclass(eq=False)
+class TemperaturePlatt(Calibrator):
+    """Temperature scaling, then a Platt map of the top label's log-odds.
+
+    With ``u = z / T`` and ``s`` the top label's log-odds, the top label gets
+    ``sigmoid(max(a s + b, floor))`` and the other classes share the rest in proportion to
+    ``softmax(u)``. ``a = exp(alpha) > 0`` keeps the map increasing; the floor (the
+    log-odds at which the top label would tie the runner-up, plus ``TOP_MARGIN``) keeps the
+    argmax, since a decreasing top probability alone could let the runner-up overtake it.
+    ``T``, ``a``, ``b`` are fitted together by NLL, starting from temperature scaling.
+    """
+
+    method: ClassVar[str] = "temperature_platt"
+    num_classes: int
+    temperature: float
+    slope: float
+    intercept: float
+
+    @classmethod
+    def fit(
+        cls, logits: np.ndarray, labels: np.ndarray, seed: int, max_iter: int = 200
+    ) -> TemperaturePlatt:
+        logits = _check_logits(logits)
+        labels = _check_labels(labels, *logits.shape)
+        k = logits.shape[1]
+        z, y = torch.from_numpy(logits), torch.from_numpy(labels)
+        top = z.argmax(dim=1)
+        is_top = F.one_hot(top, k).bool()
+        hit = y == top
+        # Index of a finite "other" entry for rows whose label is the top (never read).
+        other_y = torch.where(hit, (top + 1) % k, y)
+        t0 = _fit_temperature(logits, labels, max_iter)
+        log_t = torch.tensor(np.log(t0), dtype=torch.float64, requires_grad=True)
+        alpha = torch.zeros((), dtype=torch.float64, requires_grad=True)
+        b = torch.zeros((), dtype=torch.float64, requires_grad=True)
+
+        def loss() -> torch.Tensor:
+            u = z / log_t.exp()
+            others = u.masked_fill(is_top, -torch.inf)
+            lse = torch.logsumexp(others, dim=1)
+            s = u.gather(1, top[:, None])[:, 0] - lse
+            floor = others.max(dim=1).values - lse + TOP_MARGIN
+            s2 = torch.maximum(alpha.exp() * s + b, floor)
+            rest = others.gather(1, other_y[:, None])[:, 0] - lse
+            ll = torch.where(hit, F.logsigmoid(s2), F.logsigmoid(-s2) + rest)
+            return -ll.mean()
+
+        _lbfgs([log_t, alpha, b], loss, max_iter)
+        t, a = float(log_t.detach().exp()), float(alpha.detach().exp())
+        return cls(k, t, a, float(b.detach()))
+
+    def _predict(self, logits: np.ndarray) -> np.ndarray:
+        top, s, floor, rest = _top_label_parts(logits / self.temperature)
+        s2 = np.maximum(self.slope * s + self.intercept, floor + TOP_MARGIN)
+        probs = rest * _sigmoid(-s2)[:, None]
+        probs[np.arange(len(top)), top] = _sigmoid(s2)
+        return probs
+
+    def _state(self) -> dict[str, Any]:
+        return {"temperature": self.temperature, "slope": self.slope, "intercept": self.intercept}
+
+    @classmethod
+    def _from_state(cls, state: Mapping[str, Any], k: int) -> TemperaturePlatt:
+        intercept = float(_as_array(state, "intercept", ()))
+        return cls(k, _positive(state, "temperature"), _positive(state, "slope"), intercept)
 
 
 @dataclass(eq=False)

@@ -4,9 +4,9 @@ For each calibrator in ``data/models/calibrator/<model>.json`` (written by `cali
 it reads the model's test rows from ``data/predictions/<model>/predictions.parquet`` and
 computes, for the plain softmax ("uncalibrated") and the calibrated probabilities, every
 metric of :func:`pipeline.metrics.summarize`: accuracy, macro-F1, NLL, Brier, ECE with 15
-equal-width bins over top-label confidence (Guo et al. 2017), adaptive (equal-mass) ECE,
-MCE, classwise ECE, AURC, and bootstrap 95% intervals for accuracy and ECE. Only test
-rows are read here; nothing is fitted.
+equal-width bins over top-label confidence (Guo et al. 2017), its debiased estimate
+(Kumar et al. 2019), adaptive (equal-mass) ECE, MCE, classwise ECE, AURC, and bootstrap
+95% intervals for accuracy and ECE. Only test rows are read here; nothing is fitted.
 
 Outputs: ``reports/metrics.json`` (DVC metrics), ``reports/plots/`` (JSON for
 ``dvc plots show`` and PNGs) and ``reports/report.md`` (summary table and plots).
@@ -48,6 +48,7 @@ TABLE_COLUMNS = (
     ("nll", "NLL"),
     ("brier", "Brier"),
     ("ece", "ECE"),
+    ("ece_debiased", "debiased ECE"),
     ("adaptive_ece", "adaptive ECE"),
     ("mce", "MCE"),
     ("classwise_ece", "classwise ECE"),
@@ -140,7 +141,9 @@ def render_report(
         "Accuracy, macro-F1 and the ECEs in %; NLL in nats; Brier is the multiclass form "
         "(sum over classes, 0-2). "
         f"**ECE convention:** {N_BINS} equal-width bins over the top-label confidence, "
-        "weighted by bin size (Guo et al. 2017); adaptive ECE uses 15 equal-mass bins; "
+        "weighted by bin size (Guo et al. 2017); debiased ECE is the square root of Kumar et "
+        "al.'s (2019) unbiased estimate of the squared ECE over the same bins: near 0 when "
+        "the plain ECE is only sampling noise; adaptive ECE uses 15 equal-mass bins; "
         "MCE is the largest bin gap; classwise ECE averages one-vs-rest ECEs over classes. "
         f"Brackets: bootstrap 95% intervals ({n_boot} resamples of the test documents).",
         "",
@@ -158,7 +161,7 @@ def render_report(
                     cells.append(
                         f"{_pct(value)} [{_pct(m[key + '_ci_low'])}, {_pct(m[key + '_ci_high'])}]"
                     )
-                elif key in ("macro_f1", "adaptive_ece", "mce", "classwise_ece"):
+                elif key in ("macro_f1", "ece_debiased", "adaptive_ece", "mce", "classwise_ece"):
                     cells.append(_pct(value))
                 else:
                     cells.append(f"{value:.4f}")

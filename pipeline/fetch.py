@@ -7,10 +7,17 @@ given, or one of the known archives otherwise.
 
 The archive is read member by member straight from the tar stream and never extracted
 to disk: paths that would escape a target folder, links, special files and absurd sizes
-are rejected before any byte is used.
+are rejected before any byte is used. So are posts that are not text (NUL bytes or mostly
+control bytes), empty or whitespace-only posts, and members in folders nested inside a
+group, each named in the error; every group must have posts in train and test.
+
+The validation split is carved out of train by ``data.validation``: ``thread`` (whole
+threads, so validation posts, like test posts, mostly start conversations the model has
+not seen), ``latest`` (each group's newest posts) or ``random``.
 
 Outputs: ``data/raw/documents.parquet`` (id, split, label, label_name, text) and
-``reports/data.json`` (documents per split and class, content digests).
+``reports/data.json`` (documents per split and class, content digests, the validation
+scheme and the share of validation and test posts whose thread has train posts).
 """
 
 from __future__ import annotations
@@ -49,6 +56,15 @@ MAX_MEMBER_BYTES = 8 << 20  # the largest real post is ~160 KB
 MAX_TOTAL_BYTES = 1 << 30
 # An optional top folder, then 20news-bydate-{train,test}/<group>/<message number>.
 MEMBER_RE = re.compile(r"^(?:[^/]+/)?20news-bydate-(train|test)/([^/]+)/([^/]+)$")
+# Anything deeper than <group>/<post>: a folder inside a group, never part of bydate.
+NESTED_RE = re.compile(r"^(?:[^/]+/)?20news-bydate-(?:train|test)/[^/]+/[^/]+/")
+# Control bytes (C0 and DEL) other than tab, newline, carriage return and form feed, which
+# text holds in numbers. Real posts carry a few stray ones (backspace overstrikes, ^B art
+# in a signature: at most 7.4% of one post's bytes); binary data has a NUL or about 11%.
+CONTROL_BYTES = bytes(b for b in range(32) if b not in b"\t\n\r\f") + b"\x7f"
+MAX_CONTROL_SHARE = 0.10
+# Reply/forward prefixes of a Subject line: "Re:", "RE :", "Fwd:", "Fw:", "Re[2]:", "Re^2:".
+SUBJECT_PREFIX_RE = re.compile(r"^(?:(?:re|fwd?)\s*(?:\[\d+\]|\(\d+\)|\^\d+)?\s*:\s*)+")
 
 Sha256 = Field(pattern=r"^[0-9a-f]{64}$")
 
@@ -62,6 +78,7 @@ class DataParams(Section):
     archive_sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
     remove: list[Literal["headers", "footers", "quotes"]] = Field(default_factory=list)
     validation_fraction: float = Field(default=0.1, gt=0.0, lt=1.0)
+    validation: Literal["thread", "latest", "random"] = "thread"
     max_docs_per_class: int | None = Field(default=None, ge=1)
 
 
@@ -132,6 +149,45 @@ def check_member(member: tarfile.TarInfo, seen_bytes: int) -> None:
         raise PipelineError(f"archive holds more than {MAX_TOTAL_BYTES} bytes of posts")
 
 
+def post_location(member: tarfile.TarInfo) -> tuple[str, str, str] | None:
+    """(origin split, group, message number) of a post member; None for other members.
+
+    A member in a folder inside a group (``20news-bydate-train/sci.space/sub/123``, or the
+    folder ``sub`` itself) is refused rather than skipped: bydate has no such folders, so
+    it means the archive was repacked wrongly and posts would silently go missing.
+    """
+    match = MEMBER_RE.match(member.name)
+    if NESTED_RE.match(member.name) or (match is not None and not member.isfile()):
+        raise PipelineError(
+            f"archive member {member.name!r} is inside a folder within a group: posts must "
+            "sit directly in 20news-bydate-{train,test}/<group>/"
+        )
+    return None if match is None else match.groups()
+
+
+def check_post(doc_id: str, data: bytes) -> str:
+    """Decode a post as latin-1, refusing what is not a text post, by document id.
+
+    NUL bytes, or more than ``MAX_CONTROL_SHARE`` of control bytes other than tab, newline,
+    carriage return and form feed, mean binary data (latin-1 decodes any bytes, so nothing
+    else would catch it). An empty or whitespace-only post has nothing to learn from and no
+    place in the bydate data: it is refused too, not dropped.
+    """
+    if b"\x00" in data:
+        raise PipelineError(f"document {doc_id} is binary (it holds NUL bytes), not a text post")
+    text = data.decode("latin-1")
+    if not text.strip():
+        kind = "empty" if not data else "whitespace-only"
+        raise PipelineError(f"document {doc_id} is {kind}: every post must hold text")
+    controls = len(data) - len(data.translate(None, CONTROL_BYTES))
+    if controls > MAX_CONTROL_SHARE * len(data):
+        raise PipelineError(
+            f"document {doc_id} is binary ({controls} of its {len(data)} bytes are control "
+            f"bytes, over {MAX_CONTROL_SHARE:.0%}), not a text post"
+        )
+    return text
+
+
 def iter_posts(path: Path) -> Iterator[tuple[str, str, str, str]]:
     """Yield (origin split, group, message number, latin-1 text) from a bydate archive."""
     seen = 0
@@ -139,15 +195,18 @@ def iter_posts(path: Path) -> Iterator[tuple[str, str, str, str]]:
         with tarfile.open(path, mode="r:*") as tar:
             for member in tar:
                 check_member(member, seen)
-                match = MEMBER_RE.match(member.name)
-                if not member.isfile() or match is None:
+                location = post_location(member)
+                if location is None:
                     continue
                 seen += member.size
                 fh = tar.extractfile(member)
                 assert fh is not None  # regular files always have a stream
-                yield *match.groups(), fh.read().decode("latin-1")
+                origin, group, number = location
+                yield origin, group, number, check_post(f"{origin}/{group}/{number}", fh.read())
     except (tarfile.TarError, EOFError, zlib.error, OSError) as exc:
         raise PipelineError(f"{path}: corrupt or truncated archive ({exc})") from None
+    except PipelineError as exc:
+        raise PipelineError(f"{path}: {exc}") from None
 
 
 def parse_archive(path: Path, progress: bool = True) -> pd.DataFrame:
@@ -187,8 +246,17 @@ def strip_texts(texts: pd.Series, remove: list[str]) -> pd.Series:
     return texts
 
 
+def validation_size(n: int, fraction: float) -> int:
+    """Validation posts wanted from a class of ``n`` train posts.
+
+    ``round(fraction * n)``, but at least 1 and at most ``n - 1`` so both splits keep the
+    class (tiny smoke archives included); 0 for a class of fewer than 2 posts.
+    """
+    return 0 if n < 2 else min(n - 1, max(1, round(fraction * n)))
+
+
 def assign_validation(df: pd.DataFrame, fraction: float, seed: int) -> pd.DataFrame:
-    """Move a seeded, per-class ``fraction`` of train to ``validation``.
+    """Move a seeded, per-class ``fraction`` of train to ``validation`` (``random``).
 
     Per-class rounding (at least one document of every class with two or more) keeps the
     split stratified even on tiny smoke archives, where sklearn's splitter refuses.
@@ -196,10 +264,151 @@ def assign_validation(df: pd.DataFrame, fraction: float, seed: int) -> pd.DataFr
     rng = np.random.default_rng(seed)
     split = df["split"].copy()
     for _, idx in df[df["split"] == "train"].groupby("label", sort=True).groups.items():
-        n = len(idx)
-        n_val = 0 if n < 2 else min(n - 1, max(1, round(fraction * n)))
+        n_val = validation_size(len(idx), fraction)
         split.loc[rng.permutation(np.asarray(idx))[:n_val]] = "validation"
     return df.assign(split=split)
+
+
+def subject_of(text: str) -> str | None:
+    """The raw Subject header value of a post (folded continuation lines joined), or None.
+
+    Only the header block counts (up to the first blank line), so a quoted "Subject:" in
+    the body is not taken for the post's own.
+    """
+    value: list[str] | None = None
+    for line in text.splitlines():
+        if not line.strip():
+            break
+        if value is not None:
+            if line[:1] not in (" ", "\t"):
+                break
+            value.append(line)  # a folded header line continues the subject
+        elif line[:8].casefold() == "subject:":
+            value = [line[8:]]
+    return None if value is None else " ".join(value)
+
+
+def normalise_subject(subject: str | None) -> str:
+    """Subject as a thread name: case-folded, whitespace collapsed, reply prefixes removed.
+
+    ``"Re: RE[2]:  Fwd: The  Topic "`` -> ``"the topic"``. Empty for a missing subject.
+    """
+    text = " ".join((subject or "").casefold().split())
+    return SUBJECT_PREFIX_RE.sub("", text).strip()
+
+
+def thread_keys(df: pd.DataFrame) -> pd.Series:
+    """Thread of each post: its group and normalised Subject, read from the raw text.
+
+    A post with an empty or missing Subject is a thread of its own (keyed by its id).
+    """
+    subjects = [normalise_subject(subject_of(text)) for text in df["text"]]
+    keys = [
+        f"thread {group} {subject}" if subject else f"post {doc_id}"
+        for doc_id, group, subject in zip(df["id"], df["label_name"], subjects, strict=True)
+    ]
+    return pd.Series(keys, index=df.index, dtype="str")
+
+
+def pick_threads(sizes: np.ndarray, target: int, rng: np.random.Generator) -> list[int]:
+    """Indices of threads, in a seeded order, whose sizes add up to at most ``target``.
+
+    Threads are taken in a random order and skipped when they would overshoot, so a class
+    dominated by one huge thread still fills validation from its other threads. If every
+    thread is larger than the target, the smallest one goes. Never all threads: with two
+    or more, train keeps at least one; with fewer, nothing moves.
+    """
+    if len(sizes) < 2 or target < 1:
+        return []
+    order = rng.permutation(len(sizes))
+    chosen: list[int] = []
+    taken = 0
+    for i in order:
+        if taken + sizes[i] <= target:
+            chosen.append(int(i))
+            taken += int(sizes[i])
+            if taken == target:
+                break
+    if not chosen:
+        chosen = [int(min(order, key=lambda i: sizes[i]))]
+    return chosen
+
+
+def assign_validation_by_thread(
+    df: pd.DataFrame, threads: pd.Series, fraction: float, seed: int
+) -> pd.DataFrame:
+    """Move whole train threads to ``validation``: about ``fraction`` of each class's posts.
+
+    No thread has posts in both train and validation, as most test posts start threads
+    the training data never saw. A class needs at least 2 threads to be split.
+    """
+    rng = np.random.default_rng(seed)
+    split = df["split"].copy()
+    for _, idx in df[df["split"] == "train"].groupby("label", sort=True).groups.items():
+        keys = threads.loc[idx]
+        sizes = keys.value_counts().sort_index()  # sorted by key: the same order every run
+        chosen = pick_threads(sizes.to_numpy(), validation_size(len(idx), fraction), rng)
+        split.loc[keys.index[keys.isin(sizes.index[chosen])]] = "validation"
+    return df.assign(split=split)
+
+
+def message_number(doc_id: str) -> int:
+    """The Usenet article number that ends a document id (``train/<group>/<number>``)."""
+    number = doc_id.rsplit("/", 1)[-1]
+    if not number.isdigit():
+        raise PipelineError(
+            f"data.validation=latest: document {doc_id} has no numeric message number"
+        )
+    return int(number)
+
+
+def assign_validation_latest(df: pd.DataFrame, fraction: float) -> pd.DataFrame:
+    """Move each class's newest train posts (highest message numbers) to ``validation``.
+
+    Article numbers grow with time within a group, and the test posts are the latest ones.
+    """
+    split = df["split"].copy()
+    for _, idx in df[df["split"] == "train"].groupby("label", sort=True).groups.items():
+        numbers = pd.Series([message_number(i) for i in df.loc[idx, "id"]], index=idx)
+        newest = numbers.sort_values(ascending=False, kind="stable").index
+        split.loc[newest[: validation_size(len(idx), fraction)]] = "validation"
+    return df.assign(split=split)
+
+
+def split_validation(
+    df: pd.DataFrame, threads: pd.Series, params: DataParams, seed: int
+) -> pd.DataFrame:
+    """Carve the validation split out of train with the ``data.validation`` scheme."""
+    if params.validation == "thread":
+        return assign_validation_by_thread(df, threads, params.validation_fraction, seed)
+    if params.validation == "latest":
+        return assign_validation_latest(df, params.validation_fraction)
+    return assign_validation(df, params.validation_fraction, seed)
+
+
+def check_groups(df: pd.DataFrame, splits: tuple[str, ...], where: str, hint: str = "") -> None:
+    """Every one of the 20 groups must have posts in each of ``splits``; one error otherwise."""
+    missing = {
+        split: [g for g in GROUPS if g not in set(df.loc[df["split"] == split, "label_name"])]
+        for split in splits
+    }
+    missing = {split: groups for split, groups in missing.items() if groups}
+    if missing:
+        parts = "; ".join(
+            f"{split} lacks {len(groups)} of {len(GROUPS)}: {', '.join(groups)}"
+            for split, groups in missing.items()
+        )
+        raise PipelineError(f"{where}: groups without posts: {parts}{hint}")
+
+
+def thread_overlap(df: pd.DataFrame, threads: pd.Series) -> dict[str, float]:
+    """Share of validation and of test posts whose thread also has posts in train."""
+    seen = set(threads[df["split"] == "train"])
+    shares = {}
+    for split in ("validation", "test"):
+        part = threads[df["split"] == split]
+        shares[split] = round(float(part.isin(seen).mean()), 4) if len(part) else 0.0
+    return shares
 
 
 def subsample(df: pd.DataFrame, per_class: int | None, seed: int) -> pd.DataFrame:
@@ -225,14 +434,29 @@ def order_rows(df: pd.DataFrame) -> pd.DataFrame:
     )
 
 
-def build_table(raw: pd.DataFrame, params: DataParams, seed: int) -> tuple[pd.DataFrame, int]:
-    """Strip, drop posts left empty, split and subsample; return the table and drop count."""
+def build_table(
+    raw: pd.DataFrame, params: DataParams, seed: int
+) -> tuple[pd.DataFrame, pd.Series, int]:
+    """Strip, drop posts left empty, split and subsample.
+
+    Returns the table, the thread of each of its rows (read from the raw posts, before
+    ``remove`` strips the headers) and how many posts ``remove`` left empty.
+    """
+    threads = thread_keys(raw)
     texts = strip_texts(raw["text"], params.remove)
     nonempty = texts.str.strip() != ""
-    df = raw.assign(text=texts)[nonempty].reset_index(drop=True)
-    df = assign_validation(df, params.validation_fraction, seed)
-    df = subsample(df, params.max_docs_per_class, seed)
-    return order_rows(df), int((~nonempty).sum())
+    df = raw.assign(text=texts, _thread=threads)[nonempty].reset_index(drop=True)
+    df = split_validation(df, df["_thread"], params, seed)
+    df = order_rows(subsample(df, params.max_docs_per_class, seed))
+    where = f"{OUT_DIR / OUT_TABLE}"
+    check_groups(df, ("train", "test"), where)  # `remove` could have emptied a group
+    unit = "2 threads" if params.validation == "thread" else "2 posts"
+    hint = (
+        f" (data.validation={params.validation} can split a group only when it has at "
+        f"least {unit} in train)"
+    )
+    check_groups(df, ("validation",), where, hint)
+    return df.drop(columns="_thread"), df["_thread"], int((~nonempty).sum())
 
 
 def content_digest(df: pd.DataFrame) -> str:
@@ -246,9 +470,14 @@ def content_digest(df: pd.DataFrame) -> str:
 
 
 def make_report(
-    df: pd.DataFrame, raw: pd.DataFrame, archive_sha256: str, params: DataParams, dropped: int
+    df: pd.DataFrame,
+    threads: pd.Series,
+    raw: pd.DataFrame,
+    archive_sha256: str,
+    params: DataParams,
+    dropped: int,
 ) -> dict:
-    """Counts per split and class, and digests to compare sources and outputs."""
+    """Counts per split and class, thread overlap with train, and digests."""
     counts = df.groupby(["label_name", "split"]).size().unstack(fill_value=0)
     counts = counts.reindex(columns=list(SPLITS), fill_value=0)
     return {
@@ -261,6 +490,8 @@ def make_report(
         "table_digest": content_digest(df) if len(df) else None,
         "removed": list(params.remove),
         "dropped_empty": dropped,
+        "validation_scheme": params.validation,
+        "thread_overlap_with_train": thread_overlap(df, threads),
     }
 
 
@@ -277,9 +508,10 @@ def main() -> None:
     raw = parse_archive(source.path)
     full = KNOWN_ARCHIVES.get(archive_sha256) is not None
     validate(raw, Documents, f"{source.path}", FULL_SPLIT_SIZES if full else None)
-    df, dropped = build_table(raw, params, seed)
+    check_groups(raw, ("train", "test"), f"{source.path}")
+    df, threads, dropped = build_table(raw, params, seed)
     validate(df, Documents, str(OUT_DIR / OUT_TABLE))
-    report = make_report(df, raw, archive_sha256, params, dropped)
+    report = make_report(df, threads, raw, archive_sha256, params, dropped)
     with atomic_outputs() as out:
         df.to_parquet(out.dir(OUT_DIR) / OUT_TABLE, index=False)
         write_json(out.file(REPORT), report)

@@ -6,8 +6,8 @@ state), so the ``evaluate`` stage, the baseline and the tests all score the same
 
 Where a well-known library implements a metric we call it (scikit-learn ``log_loss`` and
 ``f1_score``; torchmetrics ``multiclass_calibration_error`` for ECE and MCE); the rest
-(Brier, adaptive ECE, classwise ECE, reliability bins, risk-coverage) are a few lines of
-numpy, checked against independent implementations in ``tests/test_metrics.py``.
+(Brier, adaptive ECE, debiased ECE, classwise ECE, reliability bins, risk-coverage) are a
+few lines of numpy, checked against independent implementations in ``tests/test_metrics.py``.
 
 Binning convention (Guo et al. 2017, "On Calibration of Modern Neural Networks"): ECE uses
 ``N_BINS = 15`` equal-width bins over the top-label confidence ``max_j p_ij``; a bin's gap
@@ -149,6 +149,27 @@ def mce(probs: np.ndarray, labels: np.ndarray, n_bins: int = N_BINS) -> float:
     it is noisy because a bin with one sample counts as much as a full one.
     """
     return _torchmetrics_ce(probs, labels, n_bins, "max")
+
+
+def ece_debiased(probs: np.ndarray, labels: np.ndarray, n_bins: int = N_BINS) -> float:
+    """Top-label calibration error with the sampling bias removed (Kumar et al. 2019).
+
+    The plug-in ECE is never 0, even for a perfectly calibrated model: a bin's observed
+    accuracy scatters around its true value, and the gap ``|acc - conf|`` turns that noise
+    into error (about 0.8% at n = 7,532 with 15 bins). Kumar, Liang & Ma ("Verified
+    uncertainty calibration") subtract the bin's variance ``acc (1 - acc) / (n_b - 1)``
+    from its squared gap, which makes the estimate of the *squared* error unbiased; this
+    returns its square root (an L2 error, clipped at 0), over the same 15 equal-width bins
+    as :func:`ece`. Bins with fewer than 2 rows count as 0, as in their library.
+    """
+    probs, labels = check_inputs(probs, labels)
+    confidence = probs.max(axis=1)
+    correct = probs.argmax(axis=1) == labels
+    count, conf, acc = _bin_stats(confidence, correct, n_bins)
+    used = count >= 2
+    n_b, conf, acc = count[used], conf[used], acc[used]
+    squared = np.sum(n_b / len(labels) * ((acc - conf) ** 2 - acc * (1 - acc) / (n_b - 1)))
+    return float(np.sqrt(max(squared, 0.0)))
 
 
 @dataclass(frozen=True)
@@ -303,6 +324,7 @@ def summarize(
         "ece": ece(probs, labels),
         "ece_ci_low": ece_low,
         "ece_ci_high": ece_high,
+        "ece_debiased": ece_debiased(probs, labels),
         "adaptive_ece": adaptive_ece(probs, labels),
         "mce": mce(probs, labels),
         "classwise_ece": classwise_ece(probs, labels),

@@ -249,6 +249,7 @@ class MetricsRow(pa.DataFrameModel):
     ece: Series[float] = pa.Field(ge=0, le=1)
     ece_ci_low: Series[float] = pa.Field(ge=0, le=1)
     ece_ci_high: Series[float] = pa.Field(ge=0, le=1)
+    ece_debiased: Series[float] = pa.Field(ge=0, le=1)
     adaptive_ece: Series[float] = pa.Field(ge=0, le=1)
     mce: Series[float] = pa.Field(ge=0, le=1)
     classwise_ece: Series[float] = pa.Field(ge=0, le=1)

@@ -221,3 +221,95 @@ def test_bad_methods_options_and_state_are_pipeline_errors(overconfident: tuple)
     cal = C.fit_calibrator("temperature", z, y, seed=0)
     with pytest.raises(ValueError, match="expected 10 classes"):
         cal.predict_proba(z[:, :5])
+
+
+def varied_logits(n: int, k: int, seed: int) -> tuple[np.random.Generator, np.ndarray]:
+    """Logits whose scale varies by row (0.5x to 8x), so flattening by a temperature and
+    mixing in the uniform distribution leave different traces and can be told apart."""
+    rng = np.random.default_rng(seed)
+    return rng, rng.normal(size=(n, k)) * rng.uniform(0.5, 8.0, size=(n, 1))
+
+
+def test_ets_recovers_known_temperature_and_weights() -> None:
+    rng, z = varied_logits(10000, 10, seed=0)
+    true = C.EnsembleTemperatureScaling(10, 2.5, np.array([0.6, 0.3, 0.1]))
+    y = sample_labels(rng, true.predict_proba(z))
+    cal = C.fit_calibrator("ets", z, y, seed=0)
+    assert isinstance(cal, C.EnsembleTemperatureScaling)
+    assert cal.temperature == pytest.approx(2.5, rel=0.1)
+    np.testing.assert_allclose(cal.weights, [0.6, 0.3, 0.1], atol=0.05)
+    np.testing.assert_allclose(cal.predict_proba(z), true.predict_proba(z), atol=0.02)
+
+
+def test_temperature_platt_recovers_known_parameters() -> None:
+    rng, z = varied_logits(10000, 10, seed=3)
+    true = C.TemperaturePlatt(10, 2.0, 0.7, -0.3)
+    y = sample_labels(rng, true.predict_proba(z))
+    cal = C.fit_calibrator("temperature_platt", z, y, seed=0)
+    assert isinstance(cal, C.TemperaturePlatt)
+    assert cal.temperature == pytest.approx(2.0, rel=0.1)
+    assert cal.slope == pytest.approx(0.7, abs=0.05)
+    assert cal.intercept == pytest.approx(-0.3, abs=0.1)
+    np.testing.assert_allclose(cal.predict_proba(z), true.predict_proba(z), atol=0.02)
+
+
+def test_temperature_platt_is_a_top_label_map() -> None:
+    """The top label gets sigmoid(a s + b); the others keep their tempered proportions."""
+    z = np.array([[2.0, 0.5, -1.0, 0.0], [-3.0, 1.0, 4.0, 3.5]])
+    cal = C.TemperaturePlatt(4, 2.0, 0.8, -0.2)
+    probs = cal.predict_proba(z)
+    tempered = C.softmax(z / 2.0)
+    for row, top in enumerate(z.argmax(axis=1)):
+        p = tempered[row, top]
+        expected = 1 / (1 + np.exp(-(0.8 * np.log(p / (1 - p)) - 0.2)))
+        assert probs[row, top] == pytest.approx(expected, rel=1e-12)
+        others = np.delete(np.arange(4), top)
+        np.testing.assert_allclose(
+            probs[row, others] / probs[row, others].sum(),
+            tempered[row, others] / tempered[row, others].sum(),
+            rtol=1e-12,
+        )
+
+
+@pytest.mark.parametrize(
+    "cal",
+    [
+        C.EnsembleTemperatureScaling(10, 3.0, np.array([0.2, 0.1, 0.7])),
+        C.TemperaturePlatt(10, 1.5, 0.3, -3.0),  # pulls the top label far down
+        C.TemperaturePlatt(10, 0.5, 5.0, 2.0),
+    ],
+    ids=["ets", "platt-down", "platt-up"],
+)
+def test_new_methods_never_change_the_argmax(cal: C.Calibrator) -> None:
+    _, z = varied_logits(5000, 10, seed=4)
+    ties = np.zeros((3, 10))
+    ties[0, [3, 7]] = 5.0  # a tie: argmax picks the first, and must keep it
+    ties[1, [0, 1]] = [1.0, 1.0 - 1e-12]
+    ties[2] = 1e4 * np.arange(10)
+    for logits in (z, ties, z[:, :10] * 1e-3):
+        probs = cal.predict_proba(logits)
+        assert_valid(probs, logits.shape)
+        assert np.array_equal(probs.argmax(axis=1), logits.argmax(axis=1))
+    if isinstance(cal, C.TemperaturePlatt) and cal.intercept < 0:
+        # Without the runner-up floor the plain Platt map would flip many rows here.
+        _, s, _, rest = C._top_label_parts(z / cal.temperature)
+        plain = 1 / (1 + np.exp(-(cal.slope * s + cal.intercept)))
+        runner_up = rest.max(axis=1) * (1 - plain)
+        assert np.mean(runner_up > plain) > 0.1
+
+
+def test_new_methods_state_is_checked() -> None:
+    with pytest.raises(PipelineError, match="'weights' must be >= 0 and sum to 1"):
+        C.Calibrator.from_dict(
+            {"method": "ets", "num_classes": 3, "temperature": 1.0, "weights": [0.5, 0.6, -0.1]}
+        )
+    with pytest.raises(PipelineError, match="slope=0.0 must be > 0"):
+        C.Calibrator.from_dict(
+            {
+                "method": "temperature_platt",
+                "num_classes": 3,
+                "temperature": 1.0,
+                "slope": 0.0,
+                "intercept": 0.0,
+            }
+        )

@@ -147,6 +147,19 @@ def test_temperature_is_recovered_and_reported() -> None:
     assert report["validation_ece_after"] < report["validation_ece_before"]
 
 
+@pytest.mark.parametrize(
+    ("method", "keys"), [("ets", {"temperature", "weights"}), ("temperature_platt", {"slope"})]
+)
+def test_low_parameter_methods_report_their_parameters(method: str, keys: set[str]) -> None:
+    docs = _docs(n_per_class=10)
+    _, logits, labels = split_arrays(_predictions(docs, scale=6.0), "validation")
+    calibrator, report = calibrate_model(logits, labels, _params(method=method), seed=0)
+    assert report["method"] == calibrator.method == method
+    state = calibrator.to_dict()
+    assert keys <= set(report) and all(report[k] == state[k] for k in keys)
+    assert json.loads(json.dumps(report))["method"] == method
+
+
 def test_auto_reports_the_cv_table_and_picks_its_best() -> None:
     docs = _docs(n_per_class=10)
     _, logits, labels = split_arrays(_predictions(docs, scale=6.0), "validation")
@@ -182,10 +195,13 @@ def test_invalid_calibrate_params(tmp_path: Path, values: dict, message: str) ->
 def test_default_sections_validate() -> None:
     path = ROOT / "params.yaml"
     assert load_section("baseline", BaselineParams, path).C == 10.0
-    assert load_section("calibrate", CalibrateParams, path).method == "temperature"
+    calibrate = load_section("calibrate", CalibrateParams, path)
+    assert calibrate.method == "auto"
+    assert calibrate.auto_methods == ["temperature", "ets", "temperature_platt"]
     assert load_section("evaluate", EvaluateParams, path).bootstrap >= 1000
     smoke = yaml.safe_load(compose(["experiment=smoke"]))
     assert smoke["evaluate"]["bootstrap"] < 1000
+    assert smoke["calibrate"]["method"] == "temperature"  # too few rows for auto's CV
 
 
 # --- evaluate ------------------------------------------------------------------------------
@@ -224,7 +240,8 @@ def test_metrics_table_rejects_nonsense() -> None:
     row = {
         "model": "m", "variant": "calibrated", "n": 10, "accuracy": 0.5,
         "accuracy_ci_low": 0.6, "accuracy_ci_high": 0.4, "macro_f1": 0.5, "nll": 1.0,
-        "brier": 0.5, "ece": 1.5, "ece_ci_low": 0.1, "ece_ci_high": 0.2, "adaptive_ece": 0.1,
+        "brier": 0.5, "ece": 1.5, "ece_ci_low": 0.1, "ece_ci_high": 0.2, "ece_debiased": 0.1,
+        "adaptive_ece": 0.1,
         "mce": 0.2, "classwise_ece": 0.01, "aurc": 0.1,
     }  # fmt: skip
     with pytest.raises(PipelineError, match="ece") as info:

@@ -75,6 +75,45 @@ def test_hand_ece_mce_and_bins() -> None:
     assert bins.gap_weighted() == pytest.approx(0.43, abs=1e-12)
 
 
+def test_hand_debiased_ece() -> None:
+    # Ten rows at confidence 0.95 (bin 14), five correct: gap 0.45, plug-in ECE 0.45. The
+    # squared gap 0.2025 loses the bin's variance 0.5 * 0.5 / 9: sqrt(0.2025 - 1/36).
+    probs = np.tile([0.95, 0.05], (10, 1))
+    labels = np.array([0] * 5 + [1] * 5)
+    assert M.ece(probs, labels) == pytest.approx(0.45, abs=1e-6)
+    assert M.ece_debiased(probs, labels) == pytest.approx(np.sqrt(0.2025 - 1 / 36))
+    # HAND_PROBS: the only bin with 2 rows has gap 0.41 and variance 0.25: clipped at 0.
+    assert M.ece_debiased(HAND_PROBS, HAND_LABELS) == 0.0
+
+
+def test_debiased_ece_removes_the_sampling_floor() -> None:
+    """Calibrated predictions: the plug-in ECE is all noise, the debiased one near 0."""
+    plain, debiased = [], []
+    for seed in range(20):
+        rng = np.random.default_rng(seed)
+        probs = softmax(rng.normal(size=(2000, 20)) * 2)
+        labels = sample_labels(rng, probs)  # calibrated by construction
+        plain.append(M.ece(probs, labels))
+        debiased.append(M.ece_debiased(probs, labels))
+    assert np.mean(plain) > 0.02  # the floor at n = 2000
+    assert np.mean(debiased) < np.mean(plain) / 2
+    assert np.median(debiased) < np.median(plain) / 4
+
+
+def test_debiased_ece_agrees_with_ece_on_miscalibrated_data() -> None:
+    """Every bin 10 points overconfident: both estimate 0.10 (debiasing removes only noise)."""
+    rng = np.random.default_rng(11)
+    n, k = 5000, 5
+    conf = rng.uniform(0.4, 0.95, n)
+    top = rng.integers(0, k, n)
+    probs = np.repeat(((1 - conf) / (k - 1))[:, None], k, axis=1)
+    probs[np.arange(n), top] = conf
+    correct = rng.random(n) < conf - 0.10
+    labels = np.where(correct, top, (top + rng.integers(1, k, n)) % k)
+    assert M.ece(probs, labels) == pytest.approx(0.10, abs=0.015)
+    assert M.ece_debiased(probs, labels) == pytest.approx(M.ece(probs, labels), abs=0.01)
+
+
 def test_hand_adaptive_and_classwise_ece() -> None:
     # Two equal-mass bins over sorted confidences 0.45(wrong) 0.55(right) | 0.90(right)
     # 0.92(wrong): gaps |0.5-0.5| = 0 and |0.5-0.91| = 0.41 -> (2*0 + 2*0.41) / 4 = 0.205.
@@ -204,7 +243,16 @@ def test_summarize_matches_the_functions_and_is_json() -> None:
     probs, labels = random_case(n=1000)
     summary = M.summarize(probs, labels, n_boot=50, seed=0)
     assert summary["n"] == 1000
-    for name in ("accuracy", "macro_f1", "nll", "brier", "ece", "mce", "adaptive_ece"):
+    for name in (
+        "accuracy",
+        "macro_f1",
+        "nll",
+        "brier",
+        "ece",
+        "mce",
+        "adaptive_ece",
+        "ece_debiased",
+    ):
         assert summary[name] == pytest.approx(getattr(M, name)(probs, labels)), name
     assert summary["classwise_ece"] == pytest.approx(M.classwise_ece(probs, labels))
     assert summary["aurc"] == pytest.approx(M.aurc(probs, labels))
