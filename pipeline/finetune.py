@@ -224,6 +224,7 @@ def run(
         "init": params.init,
         "long_doc": params.long_doc,
         "train_minutes": round(seconds / 60, 3),
+        "train_tokens": module.train_tokens * trainer.world_size,  # real tokens, this run
         "train_tokens_per_second": round(module.train_tokens * trainer.world_size / seconds, 1),
         "world_size": trainer.world_size,
         "parameters": counts,

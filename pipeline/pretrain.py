@@ -126,6 +126,7 @@ def run(
         "steps": trainer.global_step,
         "epochs": trainer.current_epoch,
         "train_minutes": round(seconds / 60, 3),
+        "train_tokens": module.train_tokens * trainer.world_size,  # real tokens, this run
         "train_tokens_per_second": round(module.train_tokens * trainer.world_size / seconds, 1),
         "world_size": trainer.world_size,
         "parameters": counts,

@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import shutil
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import build_archive, copy_project, dvc
+from tests.helpers import (
+    archive_overrides,
+    build_archive,
+    copy_project,
+    dvc,
+    git_commit,
+    run,
+    write_params,
+)
 
 
 @pytest.fixture(scope="session")
@@ -50,3 +60,38 @@ def repo(tmp_path: Path) -> Path:
     repo = copy_project(tmp_path / "project")
     dvc(repo, "config", "--local", "core.site_cache_dir", str(tmp_path / "site-cache"))
     return repo
+
+
+@dataclass(frozen=True)
+class SmokeRun:
+    """A project copy where real DVC reproduced the smoke pipeline, then committed."""
+
+    repo: Path
+    overrides: list[str]  # the -S values that give this run's params.yaml
+    output: str  # what the first `dvc repro` printed
+    commit: str  # the git commit the stages ran on (their MLflow `git_commit` tag)
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory: pytest.TempPathFactory, tiny_archive) -> SmokeRun:
+    """The whole smoke pipeline, reproduced once per session: each end-to-end test works
+    on its own copy (:func:`smoke`), so the suite pays for one full run, not one per test."""
+    root = tmp_path_factory.mktemp("smoke")
+    repo = copy_project(root / "project")
+    dvc(repo, "config", "--local", "core.site_cache_dir", str(root / "site-cache"))
+    overrides = ["experiment=smoke", *archive_overrides(*tiny_archive)]
+    write_params(repo / "params.yaml", *overrides)
+    git_commit(repo)
+    commit = run(["git", "rev-parse", "HEAD"], repo).stdout.strip()
+    output = dvc(repo, "repro")
+    git_commit(repo, "smoke run")
+    return SmokeRun(repo, overrides, output, commit)
+
+
+@pytest.fixture
+def smoke(smoke_run: SmokeRun, tmp_path: Path) -> SmokeRun:
+    """A private copy of the reproduced smoke project (git history and DVC cache too)."""
+    repo = tmp_path / "project"
+    shutil.copytree(smoke_run.repo, repo, symlinks=True)
+    dvc(repo, "config", "--local", "core.site_cache_dir", str(tmp_path / "site-cache"))
+    return replace(smoke_run, repo=repo)

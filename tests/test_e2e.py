@@ -8,19 +8,16 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.helpers import archive_overrides, dvc, git_commit, ran, read_json, write_params
+from tests.helpers import dvc, git_commit, ran, read_json, write_params
 
 pytestmark = pytest.mark.e2e
 # Digest of the parsed posts of the bydate data set: equal for any packing of the documents.
 REAL_CONTENT_DIGEST = "af179497a1e0161ea46f240929ea93d33638ab4ae9ad33976a326e894c7af6e0"
 
 
-def test_smoke_pipeline_reruns_only_what_changed(repo: Path, tiny_archive) -> None:
-    overrides = ["experiment=smoke", *archive_overrides(*tiny_archive)]
-    write_params(repo / "params.yaml", *overrides)
-    git_commit(repo)
-
-    first = dvc(repo, "repro")
+def test_smoke_pipeline_reruns_only_what_changed(smoke) -> None:
+    repo, overrides = smoke.repo, smoke.overrides
+    first = smoke.output
     assert {"fetch", "tokenize", "pretrain", "finetune", "wide", "blend", "baseline"} <= ran(first)
     data = read_json(repo / "reports/data.json")
     assert data["documents"] == {"train": 100, "validation": 20, "test": 60, "total": 180}
@@ -34,7 +31,6 @@ def test_smoke_pipeline_reruns_only_what_changed(repo: Path, tiny_archive) -> No
     assert "up to date" in dvc(repo, "status").lower()
 
     # DVC's Hydra integration recomposes params.yaml from conf/ with -S overrides.
-    git_commit(repo, "smoke run")
     exp = dvc(repo, "exp", "run", *(f"-S={o}" for o in overrides), "-S=tokenizer.vocab_size=400")
     # tokenize and what reads tokens rerun; fetch and the TF-IDF baseline do not.
     assert ran(exp) == {

@@ -5,12 +5,11 @@ from __future__ import annotations
 import itertools
 import json
 import sys
-from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
 
-from tests.helpers import archive_overrides, dvc, git_commit, ran, read_json, run, write_params
+from tests.helpers import dvc, ran, read_json, run
 
 VARIANTS = ("uncalibrated", "calibrated")
 MODELS = ("baseline", "wide", "transformer", "blend")
@@ -32,12 +31,9 @@ def _check_metrics(metrics: dict, n_test: int) -> None:
         assert m["nll"] >= 0 and 0 <= m["brier"] <= 2
 
 
-def test_smoke_pipeline_through_evaluate(repo: Path, tiny_archive) -> None:
-    overrides = ["experiment=smoke", *archive_overrides(*tiny_archive)]
-    write_params(repo / "params.yaml", *overrides)
-    git_commit(repo)
-
-    first = ran(dvc(repo, "repro"))
+def test_smoke_pipeline_through_evaluate(smoke) -> None:
+    repo, overrides = smoke.repo, smoke.overrides
+    first = ran(smoke.output)
     assert first == {
         "fetch",
         "tokenize",
@@ -64,7 +60,8 @@ def test_smoke_pipeline_through_evaluate(repo: Path, tiny_archive) -> None:
     client = MlflowClient()
     experiment = client.get_experiment_by_name("newsgroups-pipeline")
     runs = client.search_runs(
-        [experiment.experiment_id], f"tags.stage = 'evaluate' and tags.git_commit = '{head(repo)}'"
+        [experiment.experiment_id],
+        f"tags.stage = 'evaluate' and tags.git_commit = '{smoke.commit}'",
     )
     assert sorted(r.data.tags["model"] for r in runs) == sorted(MODELS)
     assert "reports/metrics.json" in dvc(repo, "metrics", "show")
@@ -82,7 +79,6 @@ def test_smoke_pipeline_through_evaluate(repo: Path, tiny_archive) -> None:
 
     # A failed experiment leaves the committed reports in place (persist + atomic writes),
     # and the README's recovery (git checkout params.yaml, dvc checkout) restores the rest.
-    git_commit(repo, "smoke run")
     reports = {p: p.read_bytes() for p in (repo / "reports").rglob("*.json") if p.is_file()}
     bad = [*(f"-S={o}" for o in overrides), "-S=calibrate.method=nope"]
     failed = run([sys.executable, "-m", "dvc", "exp", "run", *bad], repo, check=False)
@@ -120,7 +116,3 @@ def test_smoke_pipeline_through_evaluate(repo: Path, tiny_archive) -> None:
     assert ran(exp) == {"finetune", "blend", "calibrate", "evaluate", "register"}
     pretrained = repo / "data/models/pretrained/model.safetensors"
     assert pretrained.read_bytes() == before[pretrained]
-
-
-def head(repo: Path) -> str:
-    return run(["git", "rev-parse", "HEAD"], repo).stdout.strip()

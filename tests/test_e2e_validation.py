@@ -2,25 +2,19 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import yaml
 
-from tests.helpers import archive_overrides, dvc, git_commit, ran, read_json, write_params
+from tests.helpers import dvc, ran, read_json, write_params
 
 pytestmark = pytest.mark.e2e
 
 
-def test_validation_scheme_is_a_fetch_param(repo: Path, tiny_archive) -> None:
-    overrides = ["experiment=smoke", *archive_overrides(*tiny_archive)]
-    write_params(repo / "params.yaml", *overrides)
-    git_commit(repo)
-    dvc(repo, "repro")
+def test_validation_scheme_is_a_fetch_param(smoke) -> None:
+    repo, overrides = smoke.repo, smoke.overrides
     assert read_json(repo / "reports/data.json")["validation_scheme"] == "thread"
     raw = repo / "data/raw/documents.parquet"
     before = raw.read_bytes()
-    git_commit(repo, "smoke run")
 
     # DVC sees the param change on fetch (the root of the graph), and only there.
     write_params(repo / "params.yaml", *overrides, "data.validation=latest")

@@ -1,0 +1,192 @@
+"""Benchmark: what pretraining is worth, against fine-tuning from scratch at an equal budget.
+
+For each seed, on the full data of the current project (``data/tokenized`` from
+``dvc repro tokenize``) and the default params of ``params.yaml``:
+
+- ``pretrained``: ``pretrain`` as configured, then ``finetune`` with ``init=pretrained``;
+- ``scratch``: ``finetune`` with ``init=scratch``, given as many *extra* fine-tuning
+  tokens as pretraining consumed (converted to optimizer steps at the fine-tuning run's
+  measured tokens per step), with its own recipe (``--scratch KEY=VALUE`` overrides of
+  the ``finetune`` section, e.g. its best learning rate).
+
+Budgets are steps, never wall clock, so both runs are deterministic for a seed. The test
+accuracy of the encoder alone (the ``transformer`` row) is compared on the same test
+documents: an exact McNemar test per seed, and a paired bootstrap of the accuracy
+difference over all seeds. Prints a table and writes ``reports/bench/pretraining.json``.
+
+    python tests/bench/bench_pretraining.py --seeds 42 43 --scratch lr=0.003
+
+Not part of the test suite: it trains 2 x len(seeds) models on the full data (about
+20 minutes each on 2 cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import yaml
+
+OUT = Path("reports/bench/pretraining.json")
+
+
+def parse_value(text: str) -> Any:
+    return yaml.safe_load(text)
+
+
+def test_correct(predictions: Path) -> pd.Series:
+    """Per test document (by id): did the argmax of its logits hit the label?"""
+    table = pd.read_parquet(predictions)
+    test = table[table["split"] == "test"].set_index("id").sort_index()
+    logits = test.filter(like="logit_").to_numpy()
+    return pd.Series(logits.argmax(1) == test["label"].to_numpy(), index=test.index)
+
+
+def mcnemar_exact(a: np.ndarray, b: np.ndarray) -> float:
+    """Two-sided exact McNemar p-value for paired booleans (binomial test on discordants)."""
+    from scipy.stats import binomtest
+
+    only_a, only_b = int((a & ~b).sum()), int((~a & b).sum())
+    if only_a + only_b == 0:
+        return 1.0
+    return float(binomtest(only_a, only_a + only_b, 0.5).pvalue)
+
+
+def paired_bootstrap(a: np.ndarray, b: np.ndarray, rounds: int, seed: int) -> dict[str, float]:
+    """95% interval and two-sided p-value of mean(a) - mean(b) over resampled documents."""
+    rng = np.random.default_rng(seed)
+    diff = a.astype(float) - b.astype(float)
+    stats = np.array([diff[rng.integers(0, len(diff), len(diff))].mean() for _ in range(rounds)])
+    p = 2 * min((stats <= 0).mean(), (stats >= 0).mean())
+    return {
+        "difference": round(float(diff.mean()), 6),
+        "ci_low": round(float(np.quantile(stats, 0.025)), 6),
+        "ci_high": round(float(np.quantile(stats, 0.975)), 6),
+        "p_value": round(float(min(1.0, p)), 6),
+    }
+
+
+def run_pair(params: dict[str, Any], seed: int, scratch: dict[str, Any], work: Path) -> dict:
+    """Train the pretrained and the scratch encoder for one seed; their budgets and hits."""
+    from pipeline.finetune import FinetuneParams
+    from pipeline.finetune import run as finetune
+    from pipeline.model import ModelParams
+    from pipeline.pretrain import PretrainParams
+    from pipeline.pretrain import run as pretrain
+    from pipeline.training import TrainerParams
+
+    model = ModelParams(**params["model"])
+    trainer = TrainerParams(**{**params["trainer"], "progress_bar": False})
+    out: dict[str, Any] = {"seed": seed}
+
+    def paths(name: str) -> dict[str, Path]:
+        root = work / f"{name}-{seed}"
+        return {
+            "out_model": root / "model",
+            "report": root / "report.json",
+            "curves": root / "curves",
+            **({"out_predictions": root / "predictions"} if name != "pretrain" else {}),
+        }
+
+    start = time.perf_counter()
+    pre_paths = paths("pretrain")
+    pre = pretrain(model, PretrainParams(**params["pretrain"]), trainer, seed, **pre_paths)
+    pre_minutes = (time.perf_counter() - start) / 60
+    pre_tokens = pre["train_tokens"]
+
+    start = time.perf_counter()
+    fine_paths = paths("pretrained")
+    ft = FinetuneParams(**{**params["finetune"], "init": "pretrained"})
+    fine = finetune(model, ft, trainer, seed, pretrained=pre_paths["out_model"], **fine_paths)
+    fine_minutes = (time.perf_counter() - start) / 60
+    tokens_per_step = fine["train_tokens"] / max(1, fine["steps"])
+    extra_steps = math.ceil(pre_tokens / tokens_per_step)
+
+    start = time.perf_counter()
+    scratch_paths = paths("scratch")
+    section = {**params["finetune"], **scratch, "init": "scratch"}
+    section.update(max_steps=fine["steps"] + extra_steps, max_epochs=None)
+    base = finetune(model, FinetuneParams(**section), trainer, seed, **scratch_paths)
+    scratch_minutes = (time.perf_counter() - start) / 60
+
+    out["pretrained"] = {
+        "pretrain_steps": pre["steps"],
+        "pretrain_tokens": pre_tokens,
+        "pretrain_minutes": round(pre_minutes, 2),
+        "finetune_steps": fine["steps"],
+        "finetune_tokens": fine["train_tokens"],
+        "finetune_minutes": round(fine_minutes, 2),
+    }
+    out["scratch"] = {
+        "finetune_steps": base["steps"],
+        "finetune_tokens": base["train_tokens"],
+        "extra_steps_for_pretraining_tokens": extra_steps,
+        "finetune_minutes": round(scratch_minutes, 2),
+        "overrides": scratch,
+    }
+    hits = {
+        name: test_correct(p["out_predictions"] / "predictions.parquet")
+        for name, p in (("pretrained", fine_paths), ("scratch", scratch_paths))
+    }
+    return out, hits
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[42, 43])
+    parser.add_argument(
+        "--scratch", nargs="*", default=[], help="finetune overrides for scratch, KEY=VALUE"
+    )
+    parser.add_argument("--bootstrap", type=int, default=10000)
+    args = parser.parse_args()
+    scratch = {k: parse_value(v) for k, v in (item.split("=", 1) for item in args.scratch)}
+    params = yaml.safe_load(Path("params.yaml").read_text(encoding="utf-8"))
+    runs, pre_hits, scratch_hits = [], [], []
+    with tempfile.TemporaryDirectory(prefix="bench-pretraining-") as tmp:
+        for seed in args.seeds:
+            row, hits = run_pair(params, seed, scratch, Path(tmp))
+            a, b = hits["pretrained"].to_numpy(), hits["scratch"].to_numpy()
+            row["pretrained"]["test_accuracy"] = round(float(a.mean()), 6)
+            row["scratch"]["test_accuracy"] = round(float(b.mean()), 6)
+            row["mcnemar_p_value"] = round(mcnemar_exact(a, b), 6)
+            runs.append(row)
+            pre_hits.append(a)
+            scratch_hits.append(b)
+            print(
+                f"bench: seed {seed}: pretrained {a.mean():.4f}, scratch {b.mean():.4f} "
+                f"(McNemar p = {row['mcnemar_p_value']:.3g})",
+                flush=True,
+            )
+    a, b = np.concatenate(pre_hits), np.concatenate(scratch_hits)
+    result = {
+        "command": "python tests/bench/bench_pretraining.py "
+        + " ".join(["--seeds", *map(str, args.seeds), "--scratch", *args.scratch]),
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "budget": "scratch gets the pretraining run's real tokens as extra fine-tuning steps",
+        "pretrained_accuracy": round(float(a.mean()), 6),
+        "scratch_accuracy": round(float(b.mean()), 6),
+        "paired_bootstrap": paired_bootstrap(a, b, args.bootstrap, seed=0),
+        "runs": runs,
+        "params": {k: params[k] for k in ("seed", "model", "pretrain", "finetune", "trainer")},
+    }
+    OUT.parent.mkdir(parents=True, exist_ok=True)
+    OUT.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    boot = result["paired_bootstrap"]
+    print(
+        f"pretrained {result['pretrained_accuracy']:.4f} vs scratch "
+        f"{result['scratch_accuracy']:.4f}: difference {boot['difference']:+.4f} "
+        f"[{boot['ci_low']:+.4f}, {boot['ci_high']:+.4f}], p = {boot['p_value']:.3g} -> {OUT}"
+    )
+
+
+if __name__ == "__main__":
+    main()
