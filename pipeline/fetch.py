@@ -64,6 +64,7 @@ NESTED_RE = re.compile(r"^(?:[^/]+/)?20news-bydate-(?:train|test)/[^/]+/[^/]+/")
 CONTROL_BYTES = bytes(b for b in range(32) if b not in b"\t\n\r\f") + b"\x7f"
 MAX_CONTROL_SHARE = 0.10
 # Reply/forward prefixes of a Subject line: "Re:", "RE :", "Fwd:", "Fw:", "Re[2]:", "Re^2:".
+EMAIL_RE = re.compile(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+")
 SUBJECT_PREFIX_RE = re.compile(r"^(?:(?:re|fwd?)\s*(?:\[\d+\]|\(\d+\)|\^\d+)?\s*:\s*)+")
 
 Sha256 = Field(pattern=r"^[0-9a-f]{64}$")
@@ -79,6 +80,8 @@ class DataParams(Section):
     remove: list[Literal["headers", "footers", "quotes"]] = Field(default_factory=list)
     validation_fraction: float = Field(default=0.1, gt=0.0, lt=1.0)
     validation: Literal["thread", "latest", "random"] = "thread"
+    # thread: share of each group's validation posts moved with their authors' other posts
+    new_author_share: float = Field(default=0.15, ge=0.0, le=1.0)
     max_docs_per_class: int | None = Field(default=None, ge=1)
 
 
@@ -269,12 +272,14 @@ def assign_validation(df: pd.DataFrame, fraction: float, seed: int) -> pd.DataFr
     return df.assign(split=split)
 
 
-def subject_of(text: str) -> str | None:
-    """The raw Subject header value of a post (folded continuation lines joined), or None.
+def header_of(text: str, name: str) -> str | None:
+    """The raw value of header ``name`` (e.g. ``"Subject"``) of a post, folded
+    continuation lines joined, or None.
 
     Only the header block counts (up to the first blank line), so a quoted "Subject:" in
     the body is not taken for the post's own.
     """
+    prefix = f"{name.casefold()}:"
     value: list[str] | None = None
     for line in text.splitlines():
         if not line.strip():
@@ -282,10 +287,23 @@ def subject_of(text: str) -> str | None:
         if value is not None:
             if line[:1] not in (" ", "\t"):
                 break
-            value.append(line)  # a folded header line continues the subject
-        elif line[:8].casefold() == "subject:":
-            value = [line[8:]]
+            value.append(line)  # a folded header line continues the value
+        elif line[: len(prefix)].casefold() == prefix:
+            value = [line[len(prefix) :]]
     return None if value is None else " ".join(value)
+
+
+def subject_of(text: str) -> str | None:
+    """The raw Subject header value of a post, or None."""
+    return header_of(text, "Subject")
+
+
+def author_of(text: str) -> str:
+    """The sender of a post: the e-mail address of its From header, lower-cased (the whole
+    value when it holds none); empty when the post has no From header."""
+    value = " ".join((header_of(text, "From") or "").casefold().split())
+    match = EMAIL_RE.search(value)
+    return match.group(0) if match else value
 
 
 def normalise_subject(subject: str | None) -> str:
@@ -308,6 +326,33 @@ def thread_keys(df: pd.DataFrame) -> pd.Series:
         for doc_id, group, subject in zip(df["id"], df["label_name"], subjects, strict=True)
     ]
     return pd.Series(keys, index=df.index, dtype="str")
+
+
+def author_thread_groups(threads: pd.Series, authors: pd.Series) -> pd.Series:
+    """Connected posts: two posts are in one group when they share a thread or an author.
+
+    Moving a whole group to validation gives posts whose threads *and* authors train never
+    saw; the group is named by its smallest thread key, so names are stable across runs.
+    """
+    parent: dict[str, str] = {}
+
+    def find(key: str) -> str:
+        parent.setdefault(key, key)
+        while parent[key] != key:
+            parent[key] = parent[parent[key]]
+            key = parent[key]
+        return key
+
+    for thread, author in zip(threads, authors, strict=True):
+        if author:
+            a, b = find(f"t {thread}"), find(f"a {author}")
+            if a != b:
+                parent[max(a, b)] = min(a, b)
+    roots = {t: find(f"t {t}") for t in threads}
+    names: dict[str, str] = {}
+    for thread in sorted(roots):
+        names.setdefault(roots[thread], thread)
+    return pd.Series([names[roots[t]] for t in threads], index=threads.index, dtype="str")
 
 
 def pick_threads(sizes: np.ndarray, target: int, rng: np.random.Generator) -> list[int]:
@@ -334,21 +379,41 @@ def pick_threads(sizes: np.ndarray, target: int, rng: np.random.Generator) -> li
     return chosen
 
 
+def move_groups(keys: pd.Series, target: int, rng: np.random.Generator) -> pd.Index:
+    """Rows of whole groups (``keys``) adding up to at most ``target`` rows, seeded."""
+    sizes = keys.value_counts().sort_index()  # sorted by key: the same order every run
+    chosen = pick_threads(sizes.to_numpy(), target, rng)
+    return keys.index[keys.isin(sizes.index[chosen])]
+
+
 def assign_validation_by_thread(
-    df: pd.DataFrame, threads: pd.Series, fraction: float, seed: int
+    df: pd.DataFrame,
+    threads: pd.Series,
+    fraction: float,
+    seed: int,
+    authors: pd.Series | None = None,
+    new_author_share: float = 0.0,
 ) -> pd.DataFrame:
     """Move whole train threads to ``validation``: about ``fraction`` of each class's posts.
 
     No thread has posts in both train and validation, as most test posts start threads
-    the training data never saw. A class needs at least 2 threads to be split.
+    the training data never saw. With ``new_author_share``, that share of each class's
+    validation posts moves as whole author-and-thread groups (:func:`author_thread_groups`),
+    so those authors are new to train too, as the authors of about half the test posts
+    are. A class needs at least 2 threads to be split.
     """
     rng = np.random.default_rng(seed)
     split = df["split"].copy()
     for _, idx in df[df["split"] == "train"].groupby("label", sort=True).groups.items():
+        target = validation_size(len(idx), fraction)
         keys = threads.loc[idx]
-        sizes = keys.value_counts().sort_index()  # sorted by key: the same order every run
-        chosen = pick_threads(sizes.to_numpy(), validation_size(len(idx), fraction), rng)
-        split.loc[keys.index[keys.isin(sizes.index[chosen])]] = "validation"
+        n_new = round(target * new_author_share)
+        if authors is not None and n_new > 0:
+            moved = move_groups(author_thread_groups(keys, authors.loc[idx]), n_new, rng)
+            split.loc[moved] = "validation"
+            keys = keys.drop(moved)
+            target -= len(moved)
+        split.loc[move_groups(keys, target, rng)] = "validation"
     return df.assign(split=split)
 
 
@@ -376,11 +441,13 @@ def assign_validation_latest(df: pd.DataFrame, fraction: float) -> pd.DataFrame:
 
 
 def split_validation(
-    df: pd.DataFrame, threads: pd.Series, params: DataParams, seed: int
+    df: pd.DataFrame, threads: pd.Series, authors: pd.Series, params: DataParams, seed: int
 ) -> pd.DataFrame:
     """Carve the validation split out of train with the ``data.validation`` scheme."""
     if params.validation == "thread":
-        return assign_validation_by_thread(df, threads, params.validation_fraction, seed)
+        return assign_validation_by_thread(
+            df, threads, params.validation_fraction, seed, authors, params.new_author_share
+        )
     if params.validation == "latest":
         return assign_validation_latest(df, params.validation_fraction)
     return assign_validation(df, params.validation_fraction, seed)
@@ -401,12 +468,13 @@ def check_groups(df: pd.DataFrame, splits: tuple[str, ...], where: str, hint: st
         raise PipelineError(f"{where}: groups without posts: {parts}{hint}")
 
 
-def thread_overlap(df: pd.DataFrame, threads: pd.Series) -> dict[str, float]:
-    """Share of validation and of test posts whose thread also has posts in train."""
-    seen = set(threads[df["split"] == "train"])
+def overlap_with_train(df: pd.DataFrame, keys: pd.Series) -> dict[str, float]:
+    """Share of validation and of test posts whose key (thread, author) also has posts in
+    train: how much of each split the model has seen something of."""
+    seen = set(keys[df["split"] == "train"])
     shares = {}
     for split in ("validation", "test"):
-        part = threads[df["split"] == split]
+        part = keys[df["split"] == split]
         shares[split] = round(float(part.isin(seen).mean()), 4) if len(part) else 0.0
     return shares
 
@@ -439,14 +507,17 @@ def build_table(
 ) -> tuple[pd.DataFrame, pd.Series, int]:
     """Strip, drop posts left empty, split and subsample.
 
-    Returns the table, the thread of each of its rows (read from the raw posts, before
-    ``remove`` strips the headers) and how many posts ``remove`` left empty.
+    Returns the table, the thread and author of each of its rows (columns ``thread``,
+    ``author``, read from the raw posts before ``remove`` strips the headers) and how many
+    posts ``remove`` left empty.
     """
     threads = thread_keys(raw)
+    authors = pd.Series([author_of(t) for t in raw["text"]], index=raw.index, dtype="str")
     texts = strip_texts(raw["text"], params.remove)
     nonempty = texts.str.strip() != ""
-    df = raw.assign(text=texts, _thread=threads)[nonempty].reset_index(drop=True)
-    df = split_validation(df, df["_thread"], params, seed)
+    df = raw.assign(text=texts, _thread=threads, _author=authors)[nonempty]
+    df = df.reset_index(drop=True)
+    df = split_validation(df, df["_thread"], df["_author"], params, seed)
     df = order_rows(subsample(df, params.max_docs_per_class, seed))
     where = f"{OUT_DIR / OUT_TABLE}"
     check_groups(df, ("train", "test"), where)  # `remove` could have emptied a group
@@ -456,7 +527,8 @@ def build_table(
         f"least {unit} in train)"
     )
     check_groups(df, ("validation",), where, hint)
-    return df.drop(columns="_thread"), df["_thread"], int((~nonempty).sum())
+    keys = df[["_thread", "_author"]].rename(columns=lambda c: c[1:])
+    return df.drop(columns=["_thread", "_author"]), keys, int((~nonempty).sum())
 
 
 def content_digest(df: pd.DataFrame) -> str:
@@ -471,13 +543,13 @@ def content_digest(df: pd.DataFrame) -> str:
 
 def make_report(
     df: pd.DataFrame,
-    threads: pd.Series,
+    keys: pd.DataFrame,
     raw: pd.DataFrame,
     archive_sha256: str,
     params: DataParams,
     dropped: int,
 ) -> dict:
-    """Counts per split and class, thread overlap with train, and digests."""
+    """Counts per split and class, thread and author overlap with train, and digests."""
     counts = df.groupby(["label_name", "split"]).size().unstack(fill_value=0)
     counts = counts.reindex(columns=list(SPLITS), fill_value=0)
     return {
@@ -491,7 +563,8 @@ def make_report(
         "removed": list(params.remove),
         "dropped_empty": dropped,
         "validation_scheme": params.validation,
-        "thread_overlap_with_train": thread_overlap(df, threads),
+        "thread_overlap_with_train": overlap_with_train(df, keys["thread"]),
+        "author_overlap_with_train": overlap_with_train(df, keys["author"]),
     }
 
 
@@ -509,9 +582,9 @@ def main() -> None:
     full = KNOWN_ARCHIVES.get(archive_sha256) is not None
     validate(raw, Documents, f"{source.path}", FULL_SPLIT_SIZES if full else None)
     check_groups(raw, ("train", "test"), f"{source.path}")
-    df, threads, dropped = build_table(raw, params, seed)
+    df, keys, dropped = build_table(raw, params, seed)
     validate(df, Documents, str(OUT_DIR / OUT_TABLE))
-    report = make_report(df, threads, raw, archive_sha256, params, dropped)
+    report = make_report(df, keys, raw, archive_sha256, params, dropped)
     with atomic_outputs() as out:
         df.to_parquet(out.dir(OUT_DIR) / OUT_TABLE, index=False)
         write_json(out.file(REPORT), report)

@@ -18,12 +18,15 @@ from pipeline.fetch import (
     assign_validation,
     assign_validation_by_thread,
     assign_validation_latest,
+    author_of,
+    author_thread_groups,
     build_table,
     check_groups,
     check_post,
     content_digest,
     make_report,
     normalise_subject,
+    overlap_with_train,
     parse_archive,
     pick_threads,
     resolve_source,
@@ -31,7 +34,6 @@ from pipeline.fetch import (
     subject_of,
     subsample,
     thread_keys,
-    thread_overlap,
     verify_archive,
 )
 from pipeline.schemas import FULL_SPLIT_SIZES, GROUPS, Documents, validate
@@ -105,14 +107,15 @@ def test_build_table_drops_posts_left_empty(raw: pd.DataFrame) -> None:
     only_headers = raw.copy()
     only_headers.loc[0, "text"] = "From: a@b.c\nSubject: nothing\n\n   \n"
     params = PARAMS.model_copy(update={"remove": ["headers"]})
-    df, threads, dropped = build_table(only_headers, params, seed=0)
+    df, keys, dropped = build_table(only_headers, params, seed=0)
+    threads = keys["thread"]
     assert dropped == 1 and len(df) == len(raw) - 1
     assert list(df["split"].drop_duplicates()) == ["train", "validation", "test"]
     assert list(df.columns) == ["id", "split", "label", "label_name", "text"]
     validate(df, Documents, "built")
-    df2, threads2, _ = build_table(only_headers, params, seed=0)
+    df2, keys2, _ = build_table(only_headers, params, seed=0)
     pd.testing.assert_frame_equal(df, df2)
-    pd.testing.assert_series_equal(threads, threads2)
+    pd.testing.assert_frame_equal(keys, keys2)
     # Threads come from the raw Subject, although `remove` stripped the headers.
     assert "Subject:" not in df["text"].iloc[0]
     assert threads.iloc[0].startswith("thread alt.atheism question ")
@@ -380,7 +383,7 @@ def test_report_gives_the_scheme_and_thread_overlap_with_train(raw: pd.DataFrame
         {"split": ["train", "train", "validation", "validation", "test", "test", "test", "test"]}
     )
     threads = pd.Series(["a", "b", "a", "c", "b", "b", "d", "e"])
-    assert thread_overlap(df, threads) == {"validation": 0.5, "test": 0.5}
+    assert overlap_with_train(df, threads) == {"validation": 0.5, "test": 0.5}
     for scheme in ("thread", "latest", "random"):
         params = PARAMS.model_copy(update={"validation": scheme})
         table, keys, dropped = build_table(raw, params, seed=0)
@@ -392,6 +395,58 @@ def test_report_gives_the_scheme_and_thread_overlap_with_train(raw: pd.DataFrame
         assert 0 < overlap["test"] <= 1
         if scheme == "thread":
             assert overlap["validation"] == 0.0
+        assert set(report["author_overlap_with_train"]) == {"validation", "test"}
+
+
+def test_author_of_reads_the_from_address() -> None:
+    assert author_of("From: Jo Doe <JO@Example.EDU>\nSubject: x\n\nbody") == "jo@example.edu"
+    assert author_of("From: jo@a.b (Jo)\n\nFrom: other@c.d") == "jo@a.b"  # headers only
+    assert author_of("From: Jo Doe\n\n") == "jo doe"
+    assert author_of("Subject: none\n\n") == ""
+
+
+def test_author_thread_groups_join_threads_through_their_authors() -> None:
+    threads = pd.Series(["t1", "t1", "t2", "t3", "t4", "t4"])
+    authors = pd.Series(["ann", "bob", "bob", "cy", "", ""])
+    groups = author_thread_groups(threads, authors).tolist()
+    assert groups[:3] == ["t1", "t1", "t1"]  # t2 joins t1 through bob
+    assert groups[3:] == ["t3", "t4", "t4"]  # no author: the thread alone
+
+
+def _authored(n_authors: int = 150, seed: int = 0) -> pd.DataFrame:
+    """Train posts of two classes: 40 threads each, every post by one of a few authors."""
+    rng = np.random.default_rng(seed)
+    rows, number = [], 1000
+    for label in (0, 1):
+        for t in range(40):
+            for r in range(int(rng.integers(1, 4))):
+                author = f"a{int(rng.integers(0, n_authors))}.{label}@x.edu"
+                text = f"From: {author}\nSubject: {'Re: ' * r}topic {t}\n\nbody\n"
+                rows.append((f"train/{GROUPS[label]}/{number}", "train", label, text))
+                number += 1
+    df = pd.DataFrame(rows, columns=["id", "split", "label", "text"])
+    df.insert(3, "label_name", df["label"].map(lambda i: GROUPS[i]))
+    return df
+
+
+def test_new_author_share_moves_some_authors_with_their_threads() -> None:
+    df = _authored()
+    threads = thread_keys(df)
+    authors = pd.Series([author_of(t) for t in df["text"]], index=df.index)
+    plain = assign_validation_by_thread(df, threads, 0.2, seed=0)
+    same = assign_validation_by_thread(df, threads, 0.2, seed=0, authors=authors)
+    pd.testing.assert_frame_equal(plain, same)  # share 0: exactly the thread scheme
+    mixed = assign_validation_by_thread(df, threads, 0.2, 0, authors, new_author_share=0.5)
+    split = mixed["split"]
+    assert not set(threads[split == "train"]) & set(threads[split == "validation"])
+    unseen = ~authors[split == "validation"].isin(set(authors[split == "train"]))
+    assert unseen.sum() > 0 and unseen.mean() > 0.2
+    plain_unseen = ~authors[plain["split"] == "validation"].isin(
+        set(authors[plain["split"] == "train"])
+    )
+    assert unseen.mean() > plain_unseen.mean()
+    again = assign_validation_by_thread(df, threads, 0.2, 0, authors, new_author_share=0.5)
+    pd.testing.assert_frame_equal(mixed, again)
 
 
 # --- strict data: what fetch refuses ------------------------------------------------------
