@@ -108,7 +108,9 @@ def test_smoke_pipeline_through_evaluate(smoke) -> None:
     exp = dvc(
         repo, "exp", "run", *(f"-S={o}" for o in overrides), "-S=wide.C=0.5", "-S=blend.folds=3"
     )
-    assert ran(exp) == {"blend", "calibrate", "evaluate", "register"}
+    # The served blend's weights are fitted on all of validation, so folds may leave
+    # register's inputs unchanged; the models themselves never rerun.
+    assert ran(exp) - {"register"} == {"blend", "calibrate", "evaluate"}
     assert read_json(repo / "reports/blend.json")["folds"] == 3
 
     # Changing only a finetune param reruns finetune and what follows, never pretrain.
