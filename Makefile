@@ -83,10 +83,16 @@ plots: $(STAMP) $(PLOT_PAGE)  ## dvc plots show (REV=main: diff) -> dvc_plots/in
 	$(BIN)/dvc plots $(if $(REV),diff $(REV),show) --html-template $(PLOT_PAGE) --out dvc_plots
 	@echo "open dvc_plots/index.html (self-contained, renders offline)"
 
-# The headline columns of `dvc exp show`: calibrated accuracy, ECE and NLL per model, and
-# the params that differ between the rows; fits a 200-column terminal.
-compare: $(STAMP)  ## dvc exp show with only the headline metrics and the changed params
-	$(BIN)/dvc exp show --only-changed --drop 'Created|State|Executor|uncalibrated|macro_f1|brier|ece_debiased' $(ARGS)
+# `dvc exp show` cut to what compares experiments: the calibrated accuracy, ECE and NLL of
+# MODELS (a regex: MODELS='blend|transformer') and the params that differ between rows, no
+# dependency hashes. With the default MODELS=blend it fits a 200-column terminal (120 wide
+# measured); ARGS passes more options (ARGS='-A' for every commit, '--md' for Markdown).
+MODELS ?= blend
+compare: $(STAMP)  ## dvc exp show: headline metrics of MODELS (blend) and the changed params
+	$(BIN)/dvc exp show --only-changed \
+	  --keep '($(MODELS))\.calibrated\.(accuracy|ece|nll)$$' \
+	  --drop 'Created|.*/|.*\.uncalibrated\.|.*\.(macro_f1|brier|ece_debiased)$$|(?!($(MODELS))\.)[^.]+\.calibrated\.' \
+	  $(ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

@@ -20,12 +20,14 @@ Outputs, every number a fraction (accuracy 0.8695, not 86.95) on every surface:
 
 MLflow: one run per model, ``evaluate/<model>``, opened when the stage starts, with the
 calibrated ``test_accuracy``, ``test_ece``, ``test_nll`` (and ``test_ece_debiased``,
-``test_macro_f1``, ``test_brier``) and the report, metrics and figures as artifacts at the
-paths the report links.
+``test_macro_f1``, ``test_brier``). Artifacts: the report with that model's figures at the
+paths it links (``report.md``, ``figures/``), the same report as one self-contained
+``report.html`` (MLflow's viewer shows no images in Markdown), and both metrics files.
 """
 
 from __future__ import annotations
 
+import html
 import itertools
 import json
 import shutil
@@ -379,6 +381,44 @@ def render_errors(errors: Mapping[str, Any], models: list[str]) -> list[str]:
     return lines
 
 
+HTML_PAGE = """<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<title>Evaluation report</title>
+<style>
+body {{ font-family: system-ui, sans-serif; max-width: 1100px; margin: 1em auto; }}
+table {{ border-collapse: collapse; font-size: 0.9em; }}
+th, td {{ border: 1px solid #ccc; padding: 2px 6px; }}
+img {{ max-width: 100%; }}
+</style>
+</head>
+<body>
+{body}
+</body>
+</html>
+"""
+
+
+def report_html(markdown: str, folder: Path) -> str:
+    """The report as one self-contained HTML page, figures inlined as data URIs: MLflow's
+    artifact viewer renders Markdown without its images, but renders HTML."""
+    import base64
+    import re
+
+    from markdown_it import MarkdownIt
+
+    body = MarkdownIt("commonmark").enable("table").render(markdown)
+
+    def inline(match: re.Match[str]) -> str:
+        path = folder / html.unescape(match.group(1))
+        if not path.is_file():
+            raise PipelineError(f"{path}: the report links it, but it was not written")
+        return f'src="data:image/png;base64,{base64.b64encode(path.read_bytes()).decode()}"'
+
+    return HTML_PAGE.format(body=re.sub(r'src="([^"]+\.png)"', inline, body))
+
+
 def error_model(metrics: Mapping[str, Any], models: Sequence[str]) -> str:
     """Whose mistakes to list: the served blend, else the most accurate model."""
     if "blend" in models:
@@ -442,18 +482,20 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             # The report as it renders in MLflow: this model's figures, at the paths it links.
             report_file, figures = Path(tmp) / REPORT.name, Path(tmp) / FIGURES.name
-            report_file.write_text(
-                render_report(metrics, detail, methods, models, params.bootstrap, errors, [model]),
-                encoding="utf-8",
+            text = render_report(
+                metrics, detail, methods, models, params.bootstrap, errors, figure_models=[model]
             )
+            report_file.write_text(text, encoding="utf-8")
             shutil.copytree(FIGURES / model, figures / model)
             shutil.copy2(FIGURES / "risk_coverage.png", figures / "risk_coverage.png")
+            page = Path(tmp) / "report.html"
+            page.write_text(report_html(text, Path(tmp)), encoding="utf-8")
             tracking.finish(
                 all_params=True,
                 metrics={name: calibrated[key] for key, name in MLFLOW_METRICS.items()},
                 report={"test_documents": detail[model]["calibrated"]["n"]},
                 tags={"calibration": methods[model]},
-                artifacts=[report_file, METRICS, DETAIL, figures],
+                artifacts=[report_file, page, METRICS, DETAIL, figures],
                 model=model,
             )
 
