@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -23,7 +25,17 @@ from pipeline.tracking import (
     scalar_params,
     split_report,
 )
-from tests.helpers import GIT_ENV, archive_overrides, run, run_stage, wait_for_http, write_params
+from pipeline.ui import runs_table_url
+from tests.helpers import (
+    GIT_ENV,
+    ROOT,
+    archive_overrides,
+    run,
+    run_stage,
+    stage_env,
+    wait_for_http,
+    write_params,
+)
 
 
 def test_project_root_sees_through_dvc_temp_experiments(tmp_path: Path) -> None:
@@ -272,3 +284,66 @@ def test_training_curves_in_mlflow_are_the_dvc_curves(workdir: Path, tmp_path: P
     assert "trainer.progress_bar" not in run.data.params  # display only
     assert run.info.status == "FINISHED"
     assert {a.path for a in client.list_artifacts(run_id)} >= {"pretrain.json", "pretrain"}
+
+
+# ------------------------------------------------------------------------- make ui
+
+
+def test_ui_url_opens_the_runs_table_filtered_to_evaluate() -> None:
+    assert runs_table_url("http://127.0.0.1:5001/", "3") == (
+        "http://127.0.0.1:5001/#/experiments/3/runs?workflowType=machine_learning"
+        "&searchFilter=tags.stage%20%3D%20%22evaluate%22"
+    )
+    assert runs_table_url("http://h:1", None) == "http://h:1/#/experiments"
+
+
+def test_ui_refuses_a_taken_port_in_one_line(workdir: Path, tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path}/ui.db"
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = run(
+            [sys.executable, "-m", "pipeline.ui", "--port", str(port)],
+            workdir,
+            stage_env(MLFLOW_TRACKING_URI=uri, PYTHONPATH=str(ROOT)),
+            check=False,
+        )
+        assert proc.returncode == 1, proc.stdout + proc.stderr
+        assert proc.stderr.startswith(f"error: port {port} on 127.0.0.1 is taken")
+        assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+        bin_dir = f"BIN={Path(sys.executable).parent}"
+        make = run(
+            ["make", "-o", ".venv/.installed-stamp", bin_dir, "ui", f"PORT={port}"],
+            ROOT,
+            stage_env(MLFLOW_TRACKING_URI=uri, PYTHONPATH=str(ROOT)),
+            check=False,
+        )
+        assert make.returncode != 0 and f"error: port {port} on 127.0.0.1 is taken" in make.stderr
+
+
+def test_ui_serves_the_store_and_prints_its_runs_table(workdir: Path, tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path}/ui.db"
+    assert run_stage("fetch", workdir, MLFLOW_TRACKING_URI=uri).returncode == 0
+    experiment = MlflowClient(tracking_uri=uri).get_experiment_by_name("newsgroups-pipeline")
+    port = free_port()
+    log_path = tmp_path / "ui.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pipeline.ui", "--port", str(port)],
+            cwd=workdir,
+            env=stage_env(MLFLOW_TRACKING_URI=uri, PYTHONPATH=str(ROOT)),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # mlflow ui's workers stop with their group
+        )
+        try:
+            wait_for_http(f"http://127.0.0.1:{port}/health", proc, log_path)
+        finally:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=30)
+    lines = log_path.read_text().splitlines()
+    runs = next(line for line in lines if line.startswith("runs: "))
+    assert runs.removeprefix("runs: ") == runs_table_url(
+        f"http://127.0.0.1:{port}", experiment.experiment_id
+    )
