@@ -73,7 +73,10 @@ def main(argv: list[str] | None = None) -> None:
     exp = experiment_id(uri, params.experiment)
     print(f"MLflow UI on {uri}")
     print(f"runs: {runs_table_url(f'http://{args.host}:{args.port}', exp)}", flush=True)
-    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri]
+    # Browsing runs needs no job runner: without it the UI starts in seconds, not minutes
+    # (MLflow 3.17 otherwise starts a dozen task-queue consumers beside the web server).
+    os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--workers", "1"]
     os.execv(sys.executable, [*cmd, "--host", args.host, "--port", str(args.port)])
 
 

@@ -330,3 +330,21 @@ def test_load_calibrators_errors(tmp_path: Path) -> None:
     state = TemperatureScaling(K, 1.5).to_dict()
     (tmp_path / "cal/m.json").write_text(json.dumps(state))
     assert load_calibrators(tmp_path / "cal")["m"].temperature == 1.5
+
+
+def test_the_committed_report_renders_from_the_committed_tree() -> None:
+    """reports/report.md renders on GitHub and in a fresh clone: every image it links is a
+    file committed beside it (not a git-ignored or DVC-cached output)."""
+    import re
+    import subprocess
+
+    tracked = set(
+        subprocess.run(
+            ["git", "ls-files", "reports"], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout.split()
+    )
+    report = (ROOT / "reports/report.md").read_text(encoding="utf-8")
+    links = re.findall(r"!\[[^\]]*\]\(([^)\s]+)\)", report)
+    assert links and all(link.startswith("figures/") for link in links), links
+    missing = [link for link in links if f"reports/{link}" not in tracked]
+    assert not missing, f"linked by reports/report.md but not committed: {missing}"
