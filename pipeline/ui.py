@@ -3,7 +3,10 @@
 MLflow 3.17's UI opens an experiment on its GenAI pages; the classic runs table is
 ``#/experiments/<id>/runs?workflowType=machine_learning`` and ``searchFilter=``
 pre-fills its filter. This prints that URL, filtered to the ``evaluate`` runs (one row per
-model with ``test_accuracy``, ``test_ece``, ``test_nll``), then runs ``mlflow ui``. A port
+model with ``test_accuracy``, ``test_ece``, ``test_nll``), and the same page in chart mode
+(``compareRunsMode=CHART``: one bar chart per metric, a bar per model, no column to pick:
+the table shows metric columns only once they are added with *Columns*), then runs
+``mlflow ui``. A port
 that is taken is one ``error:`` line and exit 1 (``mlflow ui`` itself exits 0 there); a
 tracking server (``MLFLOW_TRACKING_URI=http...``) is not served again: its URL is printed.
 
@@ -26,13 +29,17 @@ from pipeline.tracking import TrackingParams, resolve_uri
 RUNS_FILTER = 'tags.stage = "evaluate"'
 
 
-def runs_table_url(base: str, experiment_id: str | None, search: str = RUNS_FILTER) -> str:
-    """The UI's runs table of one experiment, filtered (the experiments list without one)."""
+def runs_table_url(
+    base: str, experiment_id: str | None, search: str = RUNS_FILTER, charts: bool = False
+) -> str:
+    """The UI's runs table of one experiment, filtered, as a table or as charts (the
+    experiments list when there is no experiment yet)."""
     base = base.rstrip("/")
     if experiment_id is None:
         return f"{base}/#/experiments"
     query = f"workflowType=machine_learning&searchFilter={quote(search, safe='')}"
-    return f"{base}/#/experiments/{experiment_id}/runs?{query}"
+    mode = "&compareRunsMode=CHART" if charts else ""
+    return f"{base}/#/experiments/{experiment_id}/runs?{query}{mode}"
 
 
 def check_port(host: str, port: int) -> None:
@@ -66,13 +73,17 @@ def main(argv: list[str] | None = None) -> None:
     params = load_section("tracking", TrackingParams, PARAMS_FILE)
     uri = resolve_uri(params, os.environ, Path.cwd())
     if uri.startswith(("http://", "https://")):
-        print(f"runs: {runs_table_url(uri, experiment_id(uri, params.experiment))}")
+        exp = experiment_id(uri, params.experiment)
+        print(f"runs: {runs_table_url(uri, exp)}")
+        print(f"charts: {runs_table_url(uri, exp, charts=True)}")
         print("(a tracking server: nothing to start here)")
         return
     check_port(args.host, args.port)
     exp = experiment_id(uri, params.experiment)
+    base = f"http://{args.host}:{args.port}"
     print(f"MLflow UI on {uri}")
-    print(f"runs: {runs_table_url(f'http://{args.host}:{args.port}', exp)}", flush=True)
+    print(f"runs: {runs_table_url(base, exp)}")
+    print(f"charts: {runs_table_url(base, exp, charts=True)}", flush=True)
     # Browsing runs needs no job runner: without it the UI starts in seconds, not minutes
     # (MLflow 3.17 otherwise starts a dozen task-queue consumers beside the web server).
     os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")

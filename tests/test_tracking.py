@@ -294,6 +294,7 @@ def test_ui_url_opens_the_runs_table_filtered_to_evaluate() -> None:
         "http://127.0.0.1:5001/#/experiments/3/runs?workflowType=machine_learning"
         "&searchFilter=tags.stage%20%3D%20%22evaluate%22"
     )
+    assert runs_table_url("http://h:1", "3", charts=True).endswith("&compareRunsMode=CHART")
     assert runs_table_url("http://h:1", None) == "http://h:1/#/experiments"
 
 
@@ -343,7 +344,6 @@ def test_ui_serves_the_store_and_prints_its_runs_table(workdir: Path, tmp_path: 
             os.killpg(proc.pid, signal.SIGTERM)
             proc.wait(timeout=30)
     lines = log_path.read_text().splitlines()
-    runs = next(line for line in lines if line.startswith("runs: "))
-    assert runs.removeprefix("runs: ") == runs_table_url(
-        f"http://127.0.0.1:{port}", experiment.experiment_id
-    )
+    base = f"http://127.0.0.1:{port}"
+    assert f"runs: {runs_table_url(base, experiment.experiment_id)}" in lines
+    assert f"charts: {runs_table_url(base, experiment.experiment_id, charts=True)}" in lines
