@@ -161,7 +161,8 @@ def test_smoke_pipeline_through_evaluate(repo: Path, tiny_archive) -> None:
     assert read_json(repo / "reports/blend.json")["folds"] == 3
 
     # Changing only a finetune param reruns finetune and what follows, never pretrain.
-    exp = dvc(repo, "exp", "run", *(f"-S={o}" for o in overrides), "-S=finetune.dropout=0.2")
+    kept = ["-S=wide.C=0.5", "-S=blend.folds=3"]  # the workspace's values: only finetune moves
+    exp = dvc(repo, "exp", "run", *(f"-S={o}" for o in overrides), *kept, "-S=finetune.dropout=0.2")
     assert ran(exp) == {"finetune", "blend", "calibrate", "evaluate", "register"}
     pretrained = repo / "data/models/pretrained/model.safetensors"
     assert pretrained.read_bytes() == before[pretrained]
