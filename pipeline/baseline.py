@@ -29,7 +29,7 @@ from pipeline.errors import PipelineError, run_stage
 from pipeline.io import atomic_outputs, sha256_file, write_json
 from pipeline.predictions import DOCUMENTS, PRED_DIR, PRED_FILE, make_table
 from pipeline.schemas import GROUPS, PREDICTION_SPLITS, Documents, Predictions, validate
-from pipeline.tracking import StageRun
+from pipeline.tracking import StageRun, split_report
 
 MODEL = "baseline"
 OUT_DIR = PRED_DIR / MODEL
@@ -143,7 +143,14 @@ def main() -> None:
         f"{fit_seconds:.1f}s; validation accuracy {report['validation_accuracy']:.4f} "
         f"-> {OUT_DIR / PRED_FILE}, {REPORT}"
     )
-    tracking.log(["seed", "baseline"], report, [REPORT], {"documents": sha256_file(DOCUMENTS)})
+    metrics, stats = split_report("baseline", report, {"validation_accuracy": "val_accuracy"})
+    tracking.finish(
+        ["seed", "baseline"],
+        metrics=metrics,
+        report=stats,
+        artifacts=[REPORT],
+        inputs={"documents": sha256_file(DOCUMENTS)},
+    )
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ from pipeline.predictions import (
     split_scores,
 )
 from pipeline.schemas import Predictions, validate
-from pipeline.tracking import StageRun
+from pipeline.tracking import StageRun, split_report
 
 MODEL = "blend"
 OUT_MODEL = Path("data/models/blend")
@@ -168,7 +168,9 @@ def main() -> None:
         f"blend: {weights}; cross-fitted validation accuracy {scores['accuracy']:.4f}, "
         f"NLL {scores['nll']:.4f} -> {OUT_MODEL / MODEL_FILE}, {OUT_PREDICTIONS / PRED_FILE}"
     )
-    tracking.log(["seed", MODEL], report, [REPORT, OUT_MODEL])
+    headline = {"validation.blend.accuracy": "val_accuracy", "validation.blend.nll": "val_nll"}
+    metrics, stats = split_report("blend", report, headline)
+    tracking.finish(["seed", MODEL], metrics=metrics, report=stats, artifacts=[REPORT, OUT_MODEL])
 
 
 if __name__ == "__main__":

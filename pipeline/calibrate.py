@@ -23,7 +23,7 @@ from pipeline.errors import run_stage
 from pipeline.io import atomic_outputs, write_json
 from pipeline.metrics import ece, nll
 from pipeline.predictions import MODEL_NAME, load_predictions, read_documents, split_arrays
-from pipeline.tracking import StageRun
+from pipeline.tracking import StageRun, split_report
 
 OUT_DIR = Path("data/models/calibrator")
 REPORT = Path("reports/calibrate.json")
@@ -134,7 +134,15 @@ def main() -> None:
             write_json(folder / f"{model}.json", calibrator.to_dict())
         write_json(out.file(REPORT), reports)
     print(f"calibrate: {len(calibrators)} calibrator(s) -> {OUT_DIR}/, {REPORT}")
-    tracking.log(["seed", "calibrate"], reports, [REPORT, OUT_DIR])
+    headline = {
+        f"{model}.validation_{name}_after": f"{model}/val_{name}"
+        for model in reports
+        for name in ("nll", "ece")
+    }
+    metrics, stats = split_report("calibrate", reports, headline)
+    tracking.finish(
+        ["seed", "calibrate"], metrics=metrics, report=stats, artifacts=[REPORT, OUT_DIR]
+    )
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ from pipeline.config import Section, load_section, load_seed
 from pipeline.errors import PipelineError, run_stage
 from pipeline.io import atomic_outputs, digest_strings, sha256_file, write_json
 from pipeline.schemas import FULL_SPLIT_SIZES, GROUPS, SPLITS, Documents, validate
-from pipeline.tracking import StageRun
+from pipeline.tracking import StageRun, split_report
 
 OUT_DIR = Path("data/raw")
 OUT_TABLE = "documents.parquet"
@@ -589,7 +589,10 @@ def main() -> None:
         df.to_parquet(out.dir(OUT_DIR) / OUT_TABLE, index=False)
         write_json(out.file(REPORT), report)
     print(f"fetch: {report['documents']} -> {OUT_DIR / OUT_TABLE}, {REPORT}")
-    tracking.log(["seed", "data"], report, [REPORT], inputs={"archive": archive_sha256})
+    _, stats = split_report("fetch", report, {}, skip=("per_class",))
+    tracking.finish(
+        ["seed", "data"], report=stats, artifacts=[REPORT], inputs={"archive": archive_sha256}
+    )
 
 
 if __name__ == "__main__":

@@ -3,8 +3,10 @@
 PNG functions take plain arrays and an output path and draw on a standalone
 ``matplotlib.figure.Figure`` (Agg canvas, no pyplot), so they never touch global state,
 need no display and are safe to call from tests. The ``*_rows`` functions return lists of
-flat dicts that the stage writes as JSON for ``dvc plots show``; they are computed by the
-same metric code as the PNGs, so both views always agree.
+flat dicts that the stage writes as JSON for ``dvc plots show`` (drawn by the Vega-Lite
+templates in ``.dvc/plots/``); they are computed by the same metric code as the PNGs, so
+both views always agree. Numbers are fractions everywhere (ECE 0.028, not 2.8%), as in
+``reports/metrics.json`` and MLflow.
 """
 
 from __future__ import annotations
@@ -79,9 +81,7 @@ def reliability_diagram(
             label="gap to mean confidence",
         )
         ax.plot([0, 1], [0, 1], "k--", linewidth=1, label="perfect calibration")
-        ax.set(
-            xlim=(0, 1), ylim=(0, 1), title=f"{name}: ECE {100 * ece(probs, labels, n_bins):.2f}%"
-        )
+        ax.set(xlim=(0, 1), ylim=(0, 1), title=f"{name}: ECE {ece(probs, labels, n_bins):.4f}")
         ax.tick_params(labelbottom=False)
         if col == 0:
             ax.set_ylabel("accuracy")
@@ -171,7 +171,7 @@ def confusion_matrix_plot(
     ax.set_yticks(np.arange(k), labels=list(class_names), fontsize=fontsize + 1)
     ax.set(xlabel="predicted", ylabel="true")
     acc = float(np.trace(cm) / max(cm.sum(), 1))
-    ax.set_title(f"{title + ': ' if title else ''}accuracy {100 * acc:.1f}% (n={cm.sum()})")
+    ax.set_title(f"{title + ': ' if title else ''}accuracy {acc:.4f} (n={cm.sum()})")
     return _save(fig, path)
 
 
@@ -213,7 +213,7 @@ def risk_coverage_plot(
     ax = fig.add_subplot(1, 1, 1)
     for name, probs in probs_by_name.items():
         coverage, acc = risk_coverage(probs, labels)
-        ax.plot(coverage, acc, label=f"{name} (full: {100 * acc[-1]:.1f}%)")
+        ax.plot(coverage, acc, label=f"{name} (all answered: {acc[-1]:.4f})")
     ax.set(xlim=(0, 1), xlabel="coverage (fraction answered)", ylabel="accuracy on answered")
     ax.set_title(title or "risk-coverage")
     ax.grid(alpha=0.3)
@@ -243,20 +243,26 @@ def reliability_rows(
 def confidence_rows(
     probs: np.ndarray, labels: np.ndarray, n_bins: int = 20
 ) -> list[dict[str, Any]]:
-    """Confidence histogram as rows: bin center, correct and wrong counts (every bin)."""
+    """Confidence histogram in long form: per bin (``lower``, ``upper``) one row for the
+    correct and one for the wrong predictions (``outcome``, ``documents``), every bin, so
+    a template can stack and colour them."""
     probs, y = check_inputs(probs, labels)
     confidence = probs.max(axis=1)
     correct = probs.argmax(axis=1) == y
     edges = np.linspace(0, 1, n_bins + 1)
-    right, _ = np.histogram(confidence[correct], bins=edges)
-    wrong, _ = np.histogram(confidence[~correct], bins=edges)
+    counts = {
+        "correct": np.histogram(confidence[correct], bins=edges)[0],
+        "wrong": np.histogram(confidence[~correct], bins=edges)[0],
+    }
     return [
         {
-            "confidence": float((edges[i] + edges[i + 1]) / 2),
-            "correct": int(right[i]),
-            "wrong": int(wrong[i]),
+            "lower": float(edges[i]),
+            "upper": float(edges[i + 1]),
+            "outcome": outcome,
+            "documents": int(count[i]),
         }
         for i in range(n_bins)
+        for outcome, count in counts.items()
     ]
 
 

@@ -202,7 +202,12 @@ def main() -> None:
         f"(mean {train['mean_length']}/doc) -> {OUT_TOKENIZER}, {OUT_DATA}, {REPORT}"
     )
     inputs = {"documents": sha256_file(IN_TABLE)}
-    tracking.log(["tokenizer"], report, [REPORT, OUT_TOKENIZER / "tokenizer.json"], inputs)
+    tracking.finish(
+        ["tokenizer"],
+        report=report,
+        artifacts=[REPORT, OUT_TOKENIZER / "tokenizer.json"],
+        inputs=inputs,
+    )
 
 
 if __name__ == "__main__":

@@ -1,25 +1,46 @@
-"""MLflow tracking for every stage: params, metrics, reports and tags, one run per stage.
+"""MLflow tracking for every stage: one run per stage (one per model for ``evaluate``).
 
 Where runs go, in order: ``MLFLOW_TRACKING_URI``, the ``tracking.uri`` param, or a SQLite
 store in the project (``sqlite:///<project>/mlflow.db``, artifacts in
 ``<project>/mlartifacts``). Runs started by ``dvc exp run --temp`` / ``--queue`` execute in
 a copy under ``<project>/.dvc/tmp/exps/``; they still log to the project's store.
 
-Tracking never changes DVC outputs: a stage logs only after its outputs are in place, and
-``tracking`` is deliberately not a DVC param of any stage (switching it reruns nothing).
-An unreachable tracking server stops the stage before it does any work.
+What a run holds, so the UI tells the truth at a glance:
 
-The stages of one pipeline execution share a ``pipeline_run`` tag (git commit, params and
-experiment name), so the UI can group them; the ``evaluate`` run also carries every param.
+- It is created when the stage starts (:class:`StageRun`) and completed by
+  :meth:`StageRun.finish` when the stage's outputs are in place, so its duration is the
+  stage's; a stage that fails ends its open runs as ``FAILED`` (at interpreter exit).
+- Metrics are a few headline numbers under stage-prefixed names (``pretrain/val_loss``,
+  ``wide/val_accuracy``; ``evaluate/<model>`` runs carry exactly ``test_accuracy``,
+  ``test_ece``, ``test_nll`` and a few more ``test_*``), logged with real timestamps at the
+  stage's last step. Training curves are the rows of the DVC CSV curves, logged as they
+  are made (:meth:`StageRun.curve_logger`). Counts go to params (``report.*``), digests
+  to tags (``input.*``), tables to artifacts.
+- Tags: ``stage`` (and ``model``), ``config`` (the experiment config), ``dvc_exp_name``
+  (in ``dvc exp run``), ``pipeline_run`` (shared by the stages of one execution on one
+  commit and config: the UI's *Group by* groups them), and MLflow's standard source tags
+  (``mlflow.source.git.commit``, ``mlflow.source.name``, ``mlflow.user``, ...). Run names
+  carry the config and the DVC experiment: ``evaluate/blend (smoke, bushy-tins)``.
+  Stage runs are deliberately not nested under a parent run: MLflow 3.17's runs table
+  collapses a filtered list of children into their parent's row.
+
+Tracking never changes DVC outputs: a stage logs its results only after its outputs are
+in place, and ``tracking`` is not a DVC param of any stage (switching it reruns nothing).
+An unreachable tracking server stops the stage before it does any work.
 """
 
 from __future__ import annotations
 
+import atexit
+import contextlib
+import getpass
 import hashlib
+import logging
 import os
 import re
 import subprocess
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +50,11 @@ from pipeline.config import PARAMS_FILE, Section, load_section, read_params
 from pipeline.errors import PipelineError
 
 EXPERIMENT = "newsgroups-pipeline"
+PARAM_VALUE_LIMIT = 6000  # MLflow's limit on a param's value
+BATCH = 100  # log_batch takes at most 1000 metrics and 100 params per call
+
+CurveSink = Callable[[Mapping[str, float], int], None]
+"""Receives one curve row: ``{name: value}`` at an optimizer step."""
 
 
 class TrackingParams(Section):
@@ -37,6 +63,9 @@ class TrackingParams(Section):
     enabled: bool = True
     uri: str | None = None
     experiment: str = Field(default=EXPERIMENT, min_length=1)
+    # Name of the experiment config composed into params.yaml (conf/experiment/<name>.yaml
+    # sets it); shown in run names and registry tags.
+    config: str = Field(default="default", pattern=r"^[A-Za-z0-9_.-]+$")
 
 
 def project_root(cwd: Path, env: Mapping[str, str]) -> Path:
@@ -75,20 +104,50 @@ def mlflow_key(key: str) -> str:
     return re.sub(r"[^\w\-. :/]", "_", key)
 
 
-def numeric_metrics(data: Mapping[str, Any]) -> dict[str, float]:
-    """The numbers of a report, flattened (MLflow metrics must be numeric)."""
+def scalar_params(data: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """The scalars of a (nested) mapping as MLflow params; lists and tables are left to
+    the artifacts, values are cut to MLflow's limit."""
+    return {
+        mlflow_key(f"{prefix}{k}"): str(v)[:PARAM_VALUE_LIMIT]
+        for k, v in flatten(data).items()
+        if not isinstance(v, list | tuple)
+    }
+
+
+def split_report(
+    prefix: str,
+    report: Mapping[str, Any],
+    metrics: Mapping[str, str],
+    skip: Sequence[str] = (),
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A stage report as (headline metrics named ``<prefix>/<name>``, the other scalars for
+    ``report.*`` params). ``metrics`` maps report keys (dotted when nested) to names;
+    ``skip`` drops tables such as ``per_class`` (they stay in the report artifact)."""
+    flat = flatten(report)
+    head = {f"{prefix}/{name}": flat[key] for key, name in metrics.items() if key in flat}
+
+    def kept(key: str) -> bool:
+        return key not in metrics and not any(key == s or key.startswith(f"{s}.") for s in skip)
+
+    return head, {k: v for k, v in flat.items() if kept(k)}
+
+
+def finite_metrics(data: Mapping[str, Any]) -> dict[str, float]:
+    """``name -> float`` for the numbers of ``data`` (bools and None are not metrics)."""
     return {
         mlflow_key(k): float(v)
-        for k, v in flatten(data).items()
+        for k, v in data.items()
         if isinstance(v, int | float) and not isinstance(v, bool)
     }
 
 
+def _git(cwd: Path, *args: str) -> str:
+    proc = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, check=False)
+    return proc.stdout.strip() if proc.returncode == 0 else ""
+
+
 def git_commit(cwd: Path) -> str:
-    proc = subprocess.run(
-        ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, check=False
-    )
-    return proc.stdout.strip() if proc.returncode == 0 else "unknown"
+    return _git(cwd, "rev-parse", "HEAD") or "unknown"
 
 
 def pipeline_run_id(commit: str, params_text: str, exp_name: str) -> str:
@@ -96,27 +155,109 @@ def pipeline_run_id(commit: str, params_text: str, exp_name: str) -> str:
     return hashlib.sha256(f"{commit}\n{exp_name}\n{params_text}".encode()).hexdigest()[:16]
 
 
-class StageRun:
-    """One MLflow run for one stage; a no-op when tracking is disabled."""
+def run_name(stage: str, model: str | None, config: str, exp_name: str) -> str:
+    """``evaluate/blend (smoke, bushy-tins)``: the stage, the model, the experiment config
+    and the DVC experiment, so rows of different runs never read alike."""
+    name = f"{stage}/{model}" if model else stage
+    label = ", ".join(part for part in (config, exp_name) if part)
+    return f"{name} ({label})"
 
-    def __init__(self, stage: str, params_path: Path = PARAMS_FILE) -> None:
+
+def source_tags(stage: str, cwd: Path, env: Mapping[str, str]) -> dict[str, str]:
+    """MLflow's standard source tags (what the fluent API would set), filled explicitly
+    because runs are created with the client, in every process the same way."""
+    from mlflow.utils.mlflow_tags import (
+        MLFLOW_GIT_BRANCH,
+        MLFLOW_GIT_COMMIT,
+        MLFLOW_GIT_REPO_URL,
+        MLFLOW_SOURCE_NAME,
+        MLFLOW_SOURCE_TYPE,
+        MLFLOW_USER,
+    )
+
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry (some containers)
+        user = env.get("USER", "unknown")
+    tags = {
+        MLFLOW_SOURCE_NAME: f"pipeline/{stage}.py",
+        MLFLOW_SOURCE_TYPE: "JOB" if env.get("CI") else "LOCAL",
+        MLFLOW_GIT_COMMIT: git_commit(cwd),
+        MLFLOW_USER: user,
+    }
+    branch = _git(cwd, "rev-parse", "--abbrev-ref", "HEAD")
+    if branch and branch != "HEAD":
+        tags[MLFLOW_GIT_BRANCH] = branch
+    remote = _git(cwd, "remote", "get-url", "origin")
+    if remote:
+        tags[MLFLOW_GIT_REPO_URL] = remote
+    return tags
+
+
+def is_rank_zero(env: Mapping[str, str]) -> bool:
+    """False in the worker processes of a distributed run (only rank 0 tracks)."""
+    return env.get("RANK", env.get("LOCAL_RANK", "0")) == "0"
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+_OPEN: list[StageRun] = []
+
+
+@atexit.register
+def _fail_open_runs() -> None:
+    """A stage that exits without finishing its runs failed: say so in the UI."""
+    for stage_run in list(_OPEN):
+        stage_run.end("FAILED")
+
+
+class StageRun:
+    """The MLflow run(s) of one stage, opened now; a no-op when tracking is disabled.
+
+    ``models`` opens one run per model (``evaluate``); otherwise the stage has one run.
+    """
+
+    def __init__(
+        self, stage: str, params_path: Path = PARAMS_FILE, models: Sequence[str] = ()
+    ) -> None:
         self.stage = stage
         self.params = load_section("tracking", TrackingParams, params_path)
-        self.enabled = self.params.enabled
         self.params_path = Path(params_path)
+        self.enabled = self.params.enabled and is_rank_zero(os.environ)
+        self.run_ids: dict[str | None, str] = {}
         if not self.enabled:
             return
         env = dict(os.environ)
         self.uri = resolve_uri(self.params, env, Path.cwd())
         self.root = project_root(Path.cwd(), env)
         self._client = self._connect()
-        self.run_id: str | None = None
+        self._tags = self._stage_tags()
+        start = now_ms()
+        for model in list(models) or [None]:
+            run = self._client.create_run(
+                self.experiment_id,
+                start_time=start,
+                tags=self.tags() | ({"model": model} if model else {}),
+                run_name=run_name(stage, model, self.params.config, env.get("DVC_EXP_NAME", "")),
+            )
+            self.run_ids[model] = run.info.run_id
+        _OPEN.append(self)
+
+    @property
+    def run_id(self) -> str | None:
+        """The stage's run (``None`` when tracking is off or runs are per model)."""
+        return self.run_ids.get(None)
 
     def _connect(self):  # -> MlflowClient
         """Fail now, before any work, when the store cannot be reached."""
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
-        from mlflow import MlflowClient
+        from mlflow import MlflowClient  # configures its loggers: quieten them after
+
+        for name in ("mlflow", "alembic"):  # "Creating initial MLflow database tables..."
+            logging.getLogger(name).setLevel(logging.WARNING)
 
         client = MlflowClient(tracking_uri=self.uri)
         try:
@@ -138,83 +279,109 @@ class StageRun:
             ) from None
         return client
 
-    def tags(self, inputs: Mapping[str, str]) -> dict[str, str]:
-        commit = git_commit(Path.cwd())
-        exp_name = os.environ.get("DVC_EXP_NAME", "")
+    def _stage_tags(self) -> dict[str, str]:
+        env = os.environ
+        exp_name = env.get("DVC_EXP_NAME", "")
+        source = source_tags(self.stage, Path.cwd(), env)
+        commit = source["mlflow.source.git.commit"]
         params_text = self.params_path.read_text(encoding="utf-8")
         tags = {
             "stage": self.stage,
-            "git_commit": commit,
+            "config": self.params.config,
             "pipeline_run": pipeline_run_id(commit, params_text, exp_name),
+            **source,
         }
         if exp_name:
             tags["dvc_exp_name"] = exp_name
-        tags.update({f"input.{name}": digest for name, digest in inputs.items()})
         return tags
 
-    def _create_run(self, model: str | None = None, inputs: Mapping[str, str] | None = None):
-        exp_name = os.environ.get("DVC_EXP_NAME")
-        tags = self.tags(inputs or {}) | ({"model": model} if model else {})
-        name = f"{self.stage}/{model}" if model else self.stage
-        run = self._client.create_run(
-            self.experiment_id, tags=tags, run_name=f"{name} ({exp_name})" if exp_name else name
-        )
-        return run.info.run_id
+    def tags(self, inputs: Mapping[str, str] | None = None) -> dict[str, str]:
+        """The tags of every run of this stage (``inputs``: digests of what it read)."""
+        digests = {f"input.{name}": digest for name, digest in (inputs or {}).items()}
+        return {**self._tags, **digests}
 
-    def lightning_logger(self):  # -> MLFlowLogger | None
-        """Lightning's MLFlowLogger writing the training curves into this stage's run.
-
-        The run is created now, before training; :meth:`log` completes it. Only the
-        launching process (rank 0) tracks: DDP workers started by Lightning get ``None``.
-        """
-        if not self.enabled or os.environ.get("LOCAL_RANK", "0") != "0":
+    def curve_logger(self, prefix: str) -> CurveSink | None:
+        """A sink for training-curve rows: ``{"train_loss": v}`` at step s is logged as
+        ``<prefix>/train_loss`` at step s, timestamped now (None when not tracking)."""
+        if not self.enabled or self.run_id is None:
             return None
-        from lightning.pytorch.loggers import MLFlowLogger
+        from mlflow.entities import Metric
 
-        self.run_id = self._create_run()
-        return MLFlowLogger(
-            experiment_name=self.params.experiment,
-            tracking_uri=self.uri,  # its default is file:./mlruns, never the project store
-            run_id=self.run_id,
-            log_model=False,
-        )
+        run_id = self.run_id
 
-    def log(
+        def log_row(values: Mapping[str, float], step: int) -> None:
+            stamp = now_ms()
+            metrics = [
+                Metric(mlflow_key(f"{prefix}/{k}"), float(v), stamp, int(step))
+                for k, v in values.items()
+            ]
+            self._client.log_batch(run_id, metrics=metrics)
+
+        return log_row
+
+    def finish(
         self,
-        sections: list[str],
-        metrics: Mapping[str, Any],
-        artifacts: list[Path] = (),  # type: ignore[assignment]
+        sections: Sequence[str] = (),
+        *,
+        metrics: Mapping[str, Any] | None = None,
+        step: int = 0,
+        report: Mapping[str, Any] | None = None,
+        params: Mapping[str, Any] | None = None,
+        artifacts: Sequence[Path] = (),
         inputs: Mapping[str, str] | None = None,
+        tags: Mapping[str, str] | None = None,
         all_params: bool = False,
         model: str | None = None,
     ) -> str | None:
-        """Record the finished stage: its params sections, metrics, reports and tags.
+        """Record the finished stage (or one model's run of it) and end its run.
 
-        ``model`` names the model a run is about (one evaluate run per model, so the UI's
-        runs table has one comparable row per model).
+        ``sections`` of params.yaml (or all of it) become params, flattened; ``metrics``
+        are the headline numbers, logged at ``step`` (the last optimizer step of a
+        training stage) with the current time; ``report`` holds counts and other scalars,
+        logged as ``report.*`` params; ``params`` are further params (already resolved
+        sections); ``artifacts`` are files (logged at the root) and folders (logged under
+        their own name).
         """
         if not self.enabled:
             return None
-        params = read_params(self.params_path)
-        logged = params if all_params else {s: params[s] for s in sections if s in params}
-        if self.run_id is not None:  # created for the Lightning logger
-            run_id = self.run_id
-            for key, value in self.tags(inputs or {}).items():
-                self._client.set_tag(run_id, key, value)
-        else:
-            run_id = self._create_run(model, inputs)
-        from mlflow.entities import Metric, Param
+        run_id = self.run_ids[model]
+        config = read_params(self.params_path)
+        logged = config if all_params else {s: config[s] for s in sections if s in config}
+        from mlflow.entities import Metric, Param, RunTag
 
-        flat = [Param(mlflow_key(k), str(v)[:6000]) for k, v in flatten(logged).items()]
-        values = [Metric(k, v, 0, 0) for k, v in numeric_metrics(metrics).items()]
-        for i in range(0, max(len(flat), len(values), 1), 100):  # the API's batch limit
-            self._client.log_batch(run_id, metrics=values[i : i + 100], params=flat[i : i + 100])
-        for path in artifacts:
-            path = Path(path)
+        flat = (
+            scalar_params(logged)
+            | scalar_params(params or {})
+            | scalar_params(report or {}, "report.")
+        )
+        param_list = [Param(k, v) for k, v in flat.items()]
+        stamp = now_ms()
+        values = [Metric(k, v, stamp, step) for k, v in finite_metrics(metrics or {}).items()]
+        digests = {f"input.{name}": digest for name, digest in (inputs or {}).items()}
+        tag_list = [RunTag(k, str(v)) for k, v in {**digests, **(tags or {})}.items()]
+        if tag_list:
+            self._client.log_batch(run_id, tags=tag_list)
+        for i in range(0, max(len(param_list), len(values), 1), BATCH):
+            self._client.log_batch(
+                run_id, metrics=values[i : i + BATCH], params=param_list[i : i + BATCH]
+            )
+        for path in map(Path, artifacts):
             if path.is_dir():
                 self._client.log_artifacts(run_id, str(path), path.name)
             elif path.is_file():
                 self._client.log_artifact(run_id, str(path))
-        self._client.set_terminated(run_id)
+        self._client.set_terminated(run_id, "FINISHED")
+        del self.run_ids[model]
+        if not self.run_ids and self in _OPEN:
+            _OPEN.remove(self)
         print(f"{self.stage}: logged MLflow run {run_id} to {self.uri}")
         return run_id
+
+    def end(self, status: str = "FAILED") -> None:
+        """End every run still open (a failed stage); never raises, it runs at exit."""
+        for run_id in list(self.run_ids.values()):
+            with contextlib.suppress(Exception):  # the store may be what failed
+                self._client.set_terminated(run_id, status)
+        self.run_ids.clear()
+        if self in _OPEN:
+            _OPEN.remove(self)

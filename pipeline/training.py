@@ -23,7 +23,7 @@ import json
 import math
 import random
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -33,7 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import torchmetrics
-from lightning.pytorch.callbacks import Callback, EarlyStopping
+from lightning.pytorch.callbacks import Callback, EarlyStopping, RichProgressBar
 from lightning.pytorch.utilities import rank_zero_only
 from pydantic import Field, field_validator, model_validator
 from torch import Tensor, nn
@@ -46,6 +46,13 @@ from pipeline.model import Classifier, LanguageModel, model_inputs
 
 Precision = Literal["32-true", "bf16-mixed", "16-mixed", "bf16-true", "64-true"]
 Schedule = Literal["cosine", "linear", "constant"]
+CurveSink = Callable[[Mapping[str, float], int], None]
+"""Receives each curve row as it is made: ``{"train_loss": v}`` at an optimizer step."""
+
+DISPLAY_ONLY = frozenset({"progress_bar"})
+"""``trainer`` keys that change what the console shows, never what is trained or written:
+not DVC params of any stage (dvc.yaml lists the other ``trainer`` keys one by one, a test
+keeps the two lists in step), not part of the resume key, not logged to MLflow."""
 
 
 class TrainerParams(Section):
@@ -320,13 +327,35 @@ class BestWeights(Callback):
 
 class LossCurve(Callback):
     """Training loss every ``every`` optimizer steps (mean over the micro-batches since
-    the previous row, this rank) and validation metrics at each validation."""
+    the previous row, this rank) and validation metrics at each validation.
 
-    def __init__(self, every: int = 10, val_keys: tuple[str, ...] = ("val_loss",)) -> None:
-        self.every, self.val_keys = every, val_keys
+    The rows are the DVC CSV curves; with a ``sink`` (the stage's MLflow run, see
+    :meth:`pipeline.tracking.StageRun.curve_logger`) every row is also sent there as it is
+    made, as ``train_<column>`` / ``val_<column>`` at the row's step, so both views show
+    the same points. Rows restored from a resume checkpoint are sent again (the
+    interrupted run's MLflow run is not the new one).
+    """
+
+    def __init__(
+        self,
+        every: int = 10,
+        val_keys: tuple[str, ...] = ("val_loss",),
+        sink: CurveSink | None = None,
+    ) -> None:
+        self.every, self.val_keys, self.sink = every, val_keys, sink
         self.train: list[dict[str, float]] = []
         self.val: list[dict[str, float]] = []
         self._sum, self._n = 0.0, 0
+        self._sent = {"train": 0, "val": 0}  # rows already given to the sink
+
+    def _send(self) -> None:
+        if self.sink is None:
+            return
+        for kind, rows in (("train", self.train), ("val", self.val)):
+            for row in rows[self._sent[kind] :]:
+                values = {f"{kind}_{k}": v for k, v in row.items() if k != "step"}
+                self.sink(values, int(row["step"]))
+            self._sent[kind] = len(rows)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *_: Any) -> None:
         self._sum += float(pl_module.last_train_loss)  # type: ignore[attr-defined]
@@ -336,6 +365,8 @@ class LossCurve(Callback):
         if step > last_logged and step % self.every == 0 and self._n:
             self.train.append({"step": step, "loss": self._sum / self._n})
             self._sum, self._n = 0.0, 0
+        if trainer.is_global_zero:
+            self._send()
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking:
@@ -345,9 +376,13 @@ class LossCurve(Callback):
             if key in trainer.callback_metrics:
                 row[key.removeprefix("val_")] = float(trainer.callback_metrics[key])
         if self.val and self.val[-1]["step"] == row["step"]:
-            self.val[-1] = row  # a final validate() at the last fit step
+            if self.val[-1] != row:  # a final validate() at the last fit step
+                self.val[-1] = row
+                self._sent["val"] = min(self._sent["val"], len(self.val) - 1)
         else:
             self.val.append(row)
+        if trainer.is_global_zero:
+            self._send()
 
     def state_dict(self) -> dict[str, Any]:  # kept in resume checkpoints
         return {"train": self.train, "val": self.val, "sum": self._sum, "n": self._n}
@@ -355,6 +390,7 @@ class LossCurve(Callback):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.train, self.val = list(state["train"]), list(state["val"])
         self._sum, self._n = state["sum"], state["n"]
+        self._sent = {"train": 0, "val": 0}
 
 
 class EpochSeed(Callback):
@@ -401,7 +437,7 @@ class EpochCheckpoint(Callback):
         self.folder = Path(folder)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        trainer.save_checkpoint(self.folder / "last.ckpt")
+        trainer.save_checkpoint(self.folder / "last.ckpt", weights_only=False)  # all of it
 
 
 def last_checkpoint(folder: Path | None) -> Path | None:
@@ -423,6 +459,34 @@ def discard_checkpoints(folder: Path | None) -> None:
 # ----------------------------------------------------------------------------- trainer
 
 
+class StepProgressBar(RichProgressBar):
+    """Lightning's rich bar, reading ``Epoch 3`` rather than ``Epoch 3/-2`` when the budget
+    is in steps (``max_epochs`` unset: Lightning passes -1 and prints ``max_epochs - 1``)."""
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        max_epochs = self.trainer.max_epochs
+        if max_epochs is not None and max_epochs >= 0:
+            return super()._get_train_description(current_epoch)
+        text = f"Epoch {current_epoch} (to step {self.trainer.max_steps})"
+        return text.ljust(len(self.validation_description))
+
+
+def quiet_lightning() -> None:
+    """One line per milestone: drop Lightning's informational chatter (GPU/TPU lines,
+    product tips, ``Trainer.fit stopped``) and one known deprecation warning that Lightning
+    2.6 triggers inside torch on every run; real warnings still show."""
+    import logging
+    import warnings
+
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings(
+        "ignore",
+        message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+        category=FutureWarning,
+    )
+
+
 def build_trainer(
     tp: TrainerParams,
     run: TrainParams,
@@ -434,7 +498,17 @@ def build_trainer(
     with ``checkpoints``, Lightning also saves ``last.ckpt`` there at the end of every
     epoch, to resume an interrupted run (see :func:`checkpoint_folder`). ``overrides`` go
     straight to ``L.Trainer`` (the stages pass their MLflow ``logger`` this way; tests pass
-    limits)."""
+    limits); ``curve_sink`` is given to the :class:`LossCurve` callbacks."""
+    quiet_lightning()
+    sink = overrides.pop("curve_sink", None)
+    for callback in callbacks:
+        if isinstance(callback, LossCurve) and sink is not None:
+            callback.sink = sink
+    if tp.progress_bar:
+        from lightning.pytorch.utilities.imports import _RICH_AVAILABLE
+
+        if _RICH_AVAILABLE:
+            callbacks = [*callbacks, StepProgressBar()]
     if run.early_stop_patience is not None:
         monitor = next((cb for cb in callbacks if isinstance(cb, BestWeights)), None)
         key, mode = (monitor.monitor, monitor.mode) if monitor else ("val_loss", "min")
@@ -455,9 +529,10 @@ def build_trainer(
         "gradient_clip_val": run.grad_clip,
         "accumulate_grad_batches": run.accumulate,
         "callbacks": callbacks,
-        "logger": False,  # or the stage's MLFlowLogger, through ``overrides``
+        "logger": False,  # curves go to MLflow through LossCurve's sink
         "enable_checkpointing": False,  # Lightning's own; EpochCheckpoint writes ours
         "enable_progress_bar": tp.progress_bar,
+        "enable_model_summary": False,  # the stage prints its parameter counts itself
         "log_every_n_steps": tp.log_every_n_steps,
         "num_sanity_val_steps": 0,
     }
@@ -530,9 +605,11 @@ def training_stage_main(
     inputs: list[Path],
 ) -> None:
     """The thin ``main()`` of ``pretrain`` and ``finetune``: read the ``model``, stage and
-    ``trainer`` sections, connect to MLflow before training (an unreachable server fails
-    now, not after), train with Lightning's MLflow logger (resuming from the checkpoint of
-    an interrupted run of the same params and ``inputs``), then complete the stage's run."""
+    ``trainer`` sections, open the stage's MLflow run before training (an unreachable
+    server fails now, not after), train (resuming from the checkpoint of an interrupted
+    run of the same params and ``inputs``) while the curve rows go to the run as
+    ``<stage>/train_loss``, ``<stage>/val_loss``..., then complete it with the stage's
+    final numbers at its last step."""
     from pipeline.config import load_section, load_seed
     from pipeline.model import ModelParams
     from pipeline.tracking import StageRun
@@ -546,11 +623,37 @@ def training_stage_main(
         "seed": seed,
         "model": model_params.model_dump(),
         stage: params.model_dump(),
-        "trainer": trainer_params.model_dump(exclude={"progress_bar"}),  # display only
+        "trainer": trainer_params.model_dump(exclude=set(DISPLAY_ONLY)),
     }
     checkpoints = checkpoint_folder(stage, sections, [p for p in inputs if p.exists()])
-    logger = tracking.lightning_logger()  # curves per step, in this stage's MLflow run
-    extra = {"logger": logger} if logger else {}
+    sink = tracking.curve_logger(stage)
+    extra = {"curve_sink": sink} if sink else {}
     result = run(model_params, params, trainer_params, seed, checkpoints=checkpoints, **extra)
     if result is not None:  # rank 0 only
-        tracking.log(["seed", "model", stage, "trainer"], result, [report, curves])
+        summary, stats = final_numbers(stage, result)
+        tracking.finish(
+            ["seed", "model", stage],
+            metrics=summary,
+            step=int(result.get("steps", 0)),
+            report=stats,
+            params={"trainer": sections["trainer"]},
+            artifacts=[report, curves],
+        )
+
+
+FINAL_METRICS = {
+    # report key -> MLflow name (under the stage's prefix); the rest of the report's
+    # scalars are params (report.*). The final validation loss is the curve's last point.
+    "val_perplexity": "val_perplexity",
+    "validation_accuracy": "selected_val_accuracy",  # finetune: of the kept weights
+    "validation_nll": "selected_val_nll",
+    "train_tokens_per_second": "train_tokens_per_second",
+    "train_minutes": "train_minutes",
+}
+
+
+def final_numbers(stage: str, result: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Split a training report into ``<stage>/...`` metrics and the scalars left for params."""
+    from pipeline.tracking import split_report
+
+    return split_report(stage, result, FINAL_METRICS, skip=("val_loss",))

@@ -27,7 +27,7 @@ from pipeline.errors import run_stage
 from pipeline.io import atomic_outputs, write_json
 from pipeline.predictions import PRED_DIR, PRED_FILE, make_table, split_scores
 from pipeline.schemas import GROUPS, PREDICTION_SPLITS, Predictions, validate
-from pipeline.tracking import StageRun
+from pipeline.tracking import StageRun, split_report
 
 MODEL = "wide"
 TOKENIZED = Path("data/tokenized")
@@ -100,7 +100,9 @@ def main() -> None:
         f"{report['fit_seconds']:.1f}s; validation accuracy {report['validation_accuracy']:.4f}"
         f" -> {OUT_MODEL}, {OUT_PREDICTIONS / PRED_FILE}, {REPORT}"
     )
-    tracking.log(["seed", MODEL], report, [REPORT])
+    headline = {"validation_accuracy": "val_accuracy", "validation_nll": "val_nll"}
+    metrics, stats = split_report("wide", report, headline)
+    tracking.finish(["seed", MODEL], metrics=metrics, report=stats, artifacts=[REPORT])
 
 
 if __name__ == "__main__":

@@ -94,3 +94,33 @@ def test_every_stage_lists_exactly_the_code_it_imports() -> None:
         if stale:
             problems.append(f"{name}: lists but never imports {sorted(stale)}")
     assert not problems, "\n".join(problems)
+
+
+def test_display_only_trainer_keys_are_no_dvc_params() -> None:
+    """Toggling the progress bar must not retrain the models: the training stages list
+    every other ``trainer`` key, one by one."""
+    from pipeline.training import DISPLAY_ONLY, TrainerParams
+
+    expected = {f"trainer.{k}" for k in TrainerParams.model_fields} - {
+        f"trainer.{k}" for k in DISPLAY_ONLY
+    }
+    for name in ("pretrain", "finetune"):
+        listed = {p for p in stages()[name]["params"] if str(p).startswith("trainer")}
+        assert listed == expected, (name, sorted(listed ^ expected))
+
+
+def test_only_headline_numbers_are_dvc_metrics() -> None:
+    """`dvc metrics show` / `dvc exp show` read only reports/metrics.json; every other
+    report is a plain output, committed (cache: false) and kept by a failed run."""
+    metrics, reports = [], []
+    for stage in stages().values():
+        for entry in stage.get("metrics", []):
+            metrics += list(entry)
+        for out in stage.get("outs", []):
+            if isinstance(out, dict):
+                (path, options), *_ = out.items()
+                if path.startswith("reports/"):
+                    reports.append(path)
+                    assert options == {"cache": False, "persist": True}, path
+    assert metrics == ["reports/metrics.json"]
+    assert {"reports/data.json", "reports/metrics_detail.json", "reports/figures"} <= set(reports)

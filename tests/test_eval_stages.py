@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 from pathlib import Path
 
@@ -16,10 +17,20 @@ from pipeline.calibration import TemperatureScaling, softmax
 from pipeline.config import compose, load_section
 from pipeline.errors import PipelineError
 from pipeline.evaluate import (
+    FIGURE_NAMES,
+    HEADLINE,
     EvaluateParams,
+    confident_mistakes,
+    disagreement,
+    disagreements,
     evaluate_model,
     load_calibrators,
+    md_cell,
     render_report,
+    report_html,
+    split_summary,
+    subject_line,
+    write_figures,
     write_plots,
 )
 from pipeline.predictions import (
@@ -221,19 +232,77 @@ def test_evaluate_scores_plots_and_reports(tmp_path: Path) -> None:
     rows = [{"model": "m", "variant": v, **summary[v]} for v in summary]
     validate(pd.DataFrame(rows), MetricsRow, "metrics")
 
+    head, rest = split_summary(summary)
+    assert set(head["calibrated"]) == set(HEADLINE)  # what `dvc metrics show` lists
+    assert set(head["calibrated"]) | set(rest["calibrated"]) == set(summary["calibrated"])
+    assert "n" in rest["calibrated"] and "ece_ci_low" in rest["calibrated"]
+
     params = EvaluateParams(bootstrap=20)
-    write_plots(tmp_path, "m", probs, labels, params)
-    names = {p.name for p in (tmp_path / "m").iterdir()}
-    assert {"reliability.png", "confusion.json", "per_class.json"} <= names
-    rel = json.loads((tmp_path / "m/reliability_calibrated.json").read_text())
+    write_plots(tmp_path / "plots", "m", probs, labels, params)
+    write_figures(tmp_path / "figures", "m", probs, labels, params)
+    names = {p.name for p in (tmp_path / "plots/m").iterdir()}
+    assert "confusion.json" in names and not any(n.endswith(".png") for n in names)
+    assert {p.name for p in (tmp_path / "figures/m").iterdir()} == {
+        f"{n}.png" for n in FIGURE_NAMES
+    }
+    rel = json.loads((tmp_path / "plots/m/reliability_calibrated.json").read_text())
     assert sum(r["count"] for r in rel) == len(labels)
-    confusion = json.loads((tmp_path / "m/confusion.json").read_text())
+    assert {(r["model"], r["calibration"]) for r in rel} == {("m", "calibrated")}
+    confusion = json.loads((tmp_path / "plots/m/confusion.json").read_text())
     assert len(confusion) == len(labels) and set(confusion[0]) == {"actual", "predicted"}
 
-    metrics = {"ece_bins": 15, "m": summary}
-    report = render_report(metrics, {"m": "temperature"}, ["m"], 20)
+    metrics, detail = {"m": head}, {"m": rest}
+    report = render_report(metrics, detail, {"m": "temperature"}, ["m"], 20)
     assert "15 equal-width bins" in report and "| m | temperature |" in report
-    assert "![reliability m](plots/m/reliability.png)" in report
+    assert "![reliability m](figures/m/reliability.png)" in report
+    acc = summary["calibrated"]["accuracy"]
+    assert f"| m | temperature | {acc:.4f} [" in report  # a fraction, as in metrics.json
+    assert "%" not in report.split("| model |")[1]  # no percentages in the table
+
+
+def test_error_analysis_finds_confident_mistakes_and_disagreements() -> None:
+    ids = ["test/a/1", "test/a/2", "test/b/3", "test/b/4"]
+    labels = np.array([0, 0, 1, 1])
+    sure = np.full((4, K), 0.0)
+    sure[[0, 1, 2, 3], [1, 0, 0, 1]] = [0.9, 0.8, 0.6, 0.7]  # rows 0 and 2 are wrong
+    sure[:, 5] = 1 - sure.max(axis=1)
+    mistakes = confident_mistakes(ids, labels, sure, k=5)
+    assert [m["id"] for m in mistakes] == ["test/a/1", "test/b/3"]  # most confident first
+    assert mistakes[0] == {
+        "id": "test/a/1",
+        "true": GROUPS[0],
+        "predicted": GROUPS[1],
+        "confidence": pytest.approx(0.9),
+    }
+    other = sure.copy()
+    other[3] = np.eye(K)[7]  # the models disagree completely on document 3 only
+    assert disagreement({"x": sure, "y": sure})[0] == 0.0
+    rows = disagreements(ids, labels, {"x": sure, "y": other}, k=2)
+    assert rows[0]["id"] == "test/b/4" and rows[0]["disagreement"] == pytest.approx(1.0)
+    assert rows[0]["answers"]["y"] == {"predicted": GROUPS[7], "confidence": 1.0}
+    assert rows[1]["disagreement"] == 0.0
+
+
+def test_subject_lines_and_markdown_cells() -> None:
+    post = "From: a@b\nSubject: Re: [Q] 2 | 3 <ok>\nLines: 2\n\nSubject: not a header\n"
+    assert subject_line(post) == "Re: [Q] 2 | 3 <ok>"
+    assert subject_line("no headers at all\n\nSubject: body") == ""
+    cell = md_cell("Re: [Q] 2 | 3 <ok>\n*x*")
+    assert "|" not in cell.replace("\\|", "") and "\n" not in cell
+    assert cell == "Re: \\[Q\\] 2 \\| 3 \\<ok\\> \\*x\\*"
+    assert md_cell("") == "(none)" and len(md_cell("x" * 200, limit=20)) == 20
+
+
+def test_report_html_inlines_every_figure(tmp_path: Path) -> None:
+    from pipeline.plots import per_class_bars
+
+    figure = per_class_bars(np.array([0, 1]), np.array([0, 1]), ["a", "b"], tmp_path / "f/x.png")
+    page = report_html("# T\n\n| a |\n|---|\n| 1 |\n\n![x](f/x.png)\n", tmp_path)
+    assert '<meta charset="utf-8">' in page and "<table>" in page
+    encoded = base64.b64encode(figure.read_bytes()).decode()
+    assert f'src="data:image/png;base64,{encoded}"' in page and "f/x.png" not in page
+    with pytest.raises(PipelineError, match="missing.png: the report links it"):
+        report_html("![y](figures/missing.png)", tmp_path)
 
 
 def test_metrics_table_rejects_nonsense() -> None:
@@ -261,3 +330,21 @@ def test_load_calibrators_errors(tmp_path: Path) -> None:
     state = TemperatureScaling(K, 1.5).to_dict()
     (tmp_path / "cal/m.json").write_text(json.dumps(state))
     assert load_calibrators(tmp_path / "cal")["m"].temperature == 1.5
+
+
+def test_the_committed_report_renders_from_the_committed_tree() -> None:
+    """reports/report.md renders on GitHub and in a fresh clone: every image it links is a
+    file committed beside it (not a git-ignored or DVC-cached output)."""
+    import re
+    import subprocess
+
+    tracked = set(
+        subprocess.run(
+            ["git", "ls-files", "reports"], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout.split()
+    )
+    report = (ROOT / "reports/report.md").read_text(encoding="utf-8")
+    links = re.findall(r"!\[[^\]]*\]\(([^)\s]+)\)", report)
+    assert links and all(link.startswith("figures/") for link in links), links
+    missing = [link for link in links if f"reports/{link}" not in tracked]
+    assert not missing, f"linked by reports/report.md but not committed: {missing}"

@@ -70,10 +70,17 @@ def test_reliability_rows_agree_with_ece(case: tuple) -> None:
 def test_confidence_rows_count_every_document(case: tuple) -> None:
     raw, _, labels = case
     rows = P.confidence_rows(raw, labels, n_bins=10)
-    assert len(rows) == 10
-    assert sum(r["correct"] + r["wrong"] for r in rows) == len(labels)
-    correct = sum(r["correct"] for r in rows)
+    assert len(rows) == 20  # long form: a correct and a wrong row per bin
+    assert {(round(r["lower"], 6), r["outcome"]) for r in rows} == {
+        (round(i / 10, 6), o) for i in range(10) for o in ("correct", "wrong")
+    }
+    assert all(r["upper"] - r["lower"] == pytest.approx(0.1) for r in rows)
+    assert sum(r["documents"] for r in rows) == len(labels)
+    correct = sum(r["documents"] for r in rows if r["outcome"] == "correct")
     assert correct / len(labels) == pytest.approx(M.accuracy(raw, labels))
+    confidence = raw.max(axis=1)
+    top = [r for r in rows if r["lower"] == pytest.approx(0.9)]
+    assert sum(r["documents"] for r in top) == np.sum(confidence >= 0.9)
     assert json.loads(json.dumps(rows)) == rows
 
 

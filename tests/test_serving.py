@@ -141,6 +141,13 @@ def build_project(root: Path) -> None:
     (root / "data/models/calibrator/blend.json").write_text(
         json.dumps(calibrator.to_dict()), encoding="utf-8"
     )
+    # what evaluate reports for the blend (register describes the version with it)
+    (root / "reports").mkdir(exist_ok=True)
+    headline = {"accuracy": 0.9, "macro_f1": 0.9, "nll": 0.4, "brier": 0.2, "ece": 0.03}
+    (root / "reports/metrics.json").write_text(
+        json.dumps({"blend": {"uncalibrated": headline, "calibrated": headline}}),
+        encoding="utf-8",
+    )
     params = {
         "seed": 0,
         "tracking": {"enabled": True, "uri": None, "experiment": "newsgroups-pipeline"},
@@ -292,9 +299,25 @@ def test_register_logs_a_run_and_a_registry_version(registered: dict, store: str
     assert registered["registered"] is True
     assert registered["model_name"] == NAME and registered["version"] == 1
     assert registered["model_uri"] == f"models:/{NAME}/1"
+    assert registered["alias_uri"] == f"models:/{NAME}@candidate"
     client = MlflowClient(tracking_uri=store)
     version = client.get_model_version(NAME, "1")
     assert version.run_id == registered["run_id"]
+    # the version says what it is: description, tags, alias, metrics on the logged model
+    assert str(client.get_model_version_by_alias(NAME, "candidate").version) == "1"
+    assert "accuracy 0.9000, ECE 0.0300, NLL 0.4000" in version.description
+    assert version.tags["test_accuracy"] == "0.9000" and version.tags["test_ece"] == "0.0300"
+    assert version.tags["config"] == "default" and version.tags["calibration"] == "temperature"
+    assert version.tags["git_commit"] == "unknown"  # the test project is no git repo
+    assert client.get_registered_model(NAME).description.startswith("20 Newsgroups classifier")
+    logged = client.get_logged_model(registered["logged_model_uri"].removeprefix("models:/"))
+    on_model = {m.key: m.value for m in logged.metrics}
+    assert {k: on_model.get(k) for k in ("test_accuracy", "test_ece", "test_nll")} == {
+        "test_accuracy": 0.9,
+        "test_ece": 0.03,
+        "test_nll": 0.4,
+    }
+    assert on_model["register/served_documents_per_second"] > 0  # measured on this model
     run = client.get_run(registered["run_id"])
     assert run.data.tags["stage"] == "register"
     assert run.data.params["register.model_name"] == NAME
@@ -555,9 +578,22 @@ def test_register_checks_its_inputs_first(project: Path, tmp_path: Path) -> None
     from dataclasses import replace
 
     from pipeline.errors import PipelineError
-    from pipeline.register import check_inputs
+    from pipeline.register import check_inputs, served_metrics
 
     with pytest.raises(PipelineError, match="tokenizer.json: not found"):
         check_inputs(replace(files(project), tokenizer=tmp_path / "tokenizer.json"))
     with pytest.raises(PipelineError, match=r"blend.json: not found \(run the blend stage\)"):
         check_inputs(replace(files(project), blend=tmp_path / "blend.json"))
+    with pytest.raises(PipelineError, match=r"metrics.json: not found \(run `dvc repro evaluate"):
+        served_metrics(tmp_path / "metrics.json")
+    (tmp_path / "metrics.json").write_text('{"wide": {}}')
+    with pytest.raises(PipelineError, match="metrics.json: no calibrated blend accuracy/ece/nll"):
+        served_metrics(tmp_path / "metrics.json")
+
+
+def test_registered_names_keep_toy_runs_off_the_production_name() -> None:
+    from pipeline.register import RegisterParams, registered_name
+
+    assert registered_name(RegisterParams(), "default") == "newsgroups-classifier"
+    smoke = RegisterParams(production=False)
+    assert registered_name(smoke, "smoke") == "newsgroups-classifier-smoke"

@@ -52,9 +52,10 @@ def test_baseline_calibrate_evaluate_succeed(workdir: Path) -> None:
         assert proc.returncode == 0, proc.stderr
     assert (workdir / "data/models/calibrator/baseline.json").is_file()
     metrics = json.loads((workdir / "reports/metrics.json").read_text())
-    assert metrics["ece_bins"] == 15
+    detail = json.loads((workdir / "reports/metrics_detail.json").read_text())
+    assert detail["ece_bins"] == 15 and detail["baseline"]["calibrated"]["n"] == 60
     assert set(metrics["baseline"]) == {"uncalibrated", "calibrated"}
-    assert (workdir / "reports/plots/baseline/reliability.png").stat().st_size > 1000
+    assert (workdir / "reports/figures/baseline/reliability.png").stat().st_size > 1000
     assert "baseline" in (workdir / "reports/report.md").read_text()
     assert not list(workdir.rglob("*.tmp"))
 

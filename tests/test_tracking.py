@@ -16,13 +16,26 @@ from mlflow import MlflowClient
 
 from pipeline.tracking import (
     TrackingParams,
+    finite_metrics,
     flatten,
-    numeric_metrics,
     pipeline_run_id,
     project_root,
     resolve_uri,
+    run_name,
+    scalar_params,
+    split_report,
 )
-from tests.helpers import archive_overrides, run_stage, wait_for_http, write_params
+from pipeline.ui import runs_table_url
+from tests.helpers import (
+    GIT_ENV,
+    ROOT,
+    archive_overrides,
+    run,
+    run_stage,
+    stage_env,
+    wait_for_http,
+    write_params,
+)
 
 
 def test_project_root_sees_through_dvc_temp_experiments(tmp_path: Path) -> None:
@@ -40,12 +53,32 @@ def test_uri_precedence(tmp_path: Path) -> None:
     assert resolve_uri(TrackingParams(), {}, tmp_path) == f"sqlite:///{tmp_path}/mlflow.db"
 
 
-def test_flatten_and_numeric_metrics() -> None:
-    report = {"documents": {"train": 3, "test": 2}, "archive": "x", "ok": True, "rate": 0.5}
+def test_reports_split_into_headline_metrics_and_params() -> None:
+    report = {
+        "documents": {"train": 3, "test": 2},
+        "per_class": {"a": {"train": 1}},
+        "archive": "x",
+        "ok": True,
+        "validation": {"blend": {"accuracy": 0.5, "nll": 1.2}},
+        "fold_weights": [[1.0, 2.0]],
+    }
     assert flatten(report)["documents.train"] == 3
-    assert numeric_metrics(report) == {"documents.train": 3.0, "documents.test": 2.0, "rate": 0.5}
+    metrics, rest = split_report("blend", report, {"validation.blend.accuracy": "val_accuracy"})
+    assert metrics == {"blend/val_accuracy": 0.5}  # stage-prefixed, nothing else
+    assert "validation.blend.accuracy" not in rest and rest["validation.blend.nll"] == 1.2
+    _, rest = split_report("fetch", report, {}, skip=("per_class",))
+    assert not any(k.startswith("per_class") for k in rest)
+    params = scalar_params(rest, "report.")
+    assert params["report.documents.test"] == "2" and params["report.ok"] == "True"
+    assert "report.fold_weights" not in params  # tables stay in the report artifact
+    assert finite_metrics({"a": 1, "b": True, "c": None, "d": 0.5}) == {"a": 1.0, "d": 0.5}
     assert pipeline_run_id("c", "p", "") == pipeline_run_id("c", "p", "")
     assert pipeline_run_id("c", "p", "") != pipeline_run_id("c", "p2", "")
+
+
+def test_run_names_carry_the_config_and_the_dvc_experiment() -> None:
+    assert run_name("evaluate", "blend", "smoke", "") == "evaluate/blend (smoke)"
+    assert run_name("fetch", None, "default", "bushy-tins") == "fetch (default, bushy-tins)"
 
 
 @pytest.fixture
@@ -69,13 +102,53 @@ def test_stages_log_params_metrics_tags_and_artifacts(workdir: Path, tiny_archiv
     assert fetch.data.params["data.validation_fraction"] == "0.1"
     assert fetch.data.params["seed"] == "42"
     assert "tokenizer.vocab_size" not in fetch.data.params  # only its own sections
-    assert fetch.data.metrics["documents.test"] == 60
+    # counts are params of the run, not metrics; the per-class table stays in the artifact
+    assert fetch.data.metrics == {} and tokenize.data.metrics == {}
+    assert fetch.data.params["report.documents.test"] == "60"
+    assert not any(k.startswith("report.per_class") for k in fetch.data.params)
     assert fetch.data.tags["input.archive"] == tiny_archive[1]
     assert tokenize.data.params["tokenizer.vocab_size"] == "800"
-    assert tokenize.data.metrics["vocab_size"] <= 800
+    assert int(tokenize.data.params["report.vocab_size"]) <= 800
     assert fetch.data.tags["pipeline_run"] == tokenize.data.tags["pipeline_run"]
+    assert fetch.data.tags["mlflow.runName"] == "fetch (smoke)"
+    assert fetch.data.tags["config"] == "smoke"
+    assert fetch.data.tags["mlflow.source.name"] == "pipeline/fetch.py"
+    assert fetch.data.tags["mlflow.source.git.commit"] == "unknown"  # workdir is no git repo
+    assert fetch.info.status == "FINISHED" and fetch.info.start_time < fetch.info.end_time
     artifacts = {a.path for a in client.list_artifacts(tokenize.info.run_id)}
     assert artifacts == {"tokenize.json", "tokenizer.json"}
+
+
+def test_a_failed_stage_ends_its_run_as_failed(workdir: Path) -> None:
+    """The run opens when the stage starts; a stage that stops says so in the UI."""
+    uri = f"sqlite:///{workdir.parent}/failed.db"
+    proc = run_stage("baseline", workdir, MLFLOW_TRACKING_URI=uri)  # no documents yet
+    assert proc.returncode == 1 and "documents.parquet: not found" in proc.stderr
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name("newsgroups-pipeline")
+    (failed,) = client.search_runs([experiment.experiment_id])
+    assert failed.data.tags["stage"] == "baseline"
+    assert failed.info.status == "FAILED" and failed.info.end_time >= failed.info.start_time
+
+
+def test_git_source_tags(workdir: Path, tmp_path: Path) -> None:
+    run(["git", "init", "-q", "-b", "topic"], workdir)
+    run(["git", "remote", "add", "origin", "https://example.com/repo.git"], workdir)
+    run(["git", "add", "params.yaml"], workdir)
+    run(["git", "commit", "-q", "-m", "x"], workdir, {**GIT_ENV, "PATH": "/usr/bin:/bin"})
+    commit = run(["git", "rev-parse", "HEAD"], workdir).stdout.strip()
+    uri = f"sqlite:///{tmp_path}/git.db"
+    proc = run_stage("fetch", workdir, MLFLOW_TRACKING_URI=uri, DVC_EXP_NAME="bushy-tins")
+    assert proc.returncode == 0, proc.stderr
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name("newsgroups-pipeline")
+    tags = client.search_runs([experiment.experiment_id])[0].data.tags
+    assert tags["mlflow.source.git.commit"] == commit
+    assert tags["mlflow.source.git.branch"] == "topic"
+    assert tags["mlflow.source.git.repoURL"] == "https://example.com/repo.git"
+    assert tags["mlflow.source.type"] in ("LOCAL", "JOB") and tags["mlflow.user"]
+    assert tags["dvc_exp_name"] == "bushy-tins"
+    assert tags["mlflow.runName"] == "fetch (smoke, bushy-tins)"
 
 
 def test_tracking_never_changes_outputs(workdir: Path, tmp_path: Path) -> None:
@@ -162,23 +235,120 @@ def test_stage_logs_to_a_real_tracking_server(workdir: Path, mlflow_server: str)
     ).json()["runs"]
     assert len(runs) == 1
     tags = {t["key"]: t["value"] for t in runs[0]["data"]["tags"]}
-    metrics = {m["key"]: m["value"] for m in runs[0]["data"]["metrics"]}
-    assert tags["stage"] == "fetch" and metrics["documents.total"] == 180
+    params = {p["key"]: p["value"] for p in runs[0]["data"]["params"]}
+    assert tags["stage"] == "fetch" and params["report.documents.total"] == "180"
+    assert runs[0]["info"]["status"] == "FINISHED"
 
 
-def test_training_stage_logs_curves_through_lightning(workdir: Path, tmp_path: Path) -> None:
+def read_curve(path: Path) -> list[dict[str, float]]:
+    lines = path.read_text(encoding="utf-8").splitlines()
+    header = lines[0].split(",")
+    return [dict(zip(header, map(float, line.split(",")), strict=True)) for line in lines[1:]]
+
+
+def test_training_curves_in_mlflow_are_the_dvc_curves(workdir: Path, tmp_path: Path) -> None:
+    """The stage's run holds the rows of reports/pretrain/*.csv under pretrain/ names, at
+    the same steps with the same values, then the final numbers at the last step."""
     uri = f"sqlite:///{tmp_path}/train.db"
     for stage in ("fetch", "tokenize", "pretrain"):
         proc = run_stage(stage, workdir, MLFLOW_TRACKING_URI=uri)
         assert proc.returncode == 0, proc.stderr
+    # quiet logs: none of Lightning's chatter, no model summary, no LeafSpec warning
+    for noise in ("GPU available", "Tip:", "Total FLOPs", "LeafSpec", "weights_only"):
+        assert noise not in proc.stdout + proc.stderr, noise
     client = MlflowClient(tracking_uri=uri)
     experiment = client.get_experiment_by_name("newsgroups-pipeline")
     runs = client.search_runs([experiment.experiment_id], "tags.stage = 'pretrain'")
-    assert len(runs) == 1  # the logger's run and the stage's run are one
+    assert len(runs) == 1
     run = runs[0]
-    history = client.get_metric_history(run.info.run_id, "train_loss")
-    assert len(history) >= 2 and len({m.step for m in history}) == len(history)
-    assert len(client.get_metric_history(run.info.run_id, "val_loss")) >= 2
-    assert run.data.params["pretrain.max_steps"] == "20" and "perplexity" in str(run.data.metrics)
+    run_id = run.info.run_id
+    assert set(run.data.metrics) == {
+        "pretrain/train_loss",
+        "pretrain/val_loss",
+        "pretrain/val_perplexity",
+        "pretrain/train_tokens_per_second",
+        "pretrain/train_minutes",
+    }
+    for key, csv, column in (
+        ("pretrain/train_loss", "train.csv", "loss"),
+        ("pretrain/val_loss", "validation.csv", "loss"),
+    ):
+        history = client.get_metric_history(run_id, key)
+        latest = {m.step: m.value for m in sorted(history, key=lambda m: m.timestamp)}
+        rows = read_curve(workdir / "reports/pretrain" / csv)
+        assert len(rows) >= 2
+        assert sorted(latest) == [int(r["step"]) for r in rows], key
+        for row in rows:
+            assert latest[int(row["step"])] == pytest.approx(row[column], rel=1e-5), key
+        # logged while training ran, inside the run's lifetime, never at time 0
+        assert all(run.info.start_time <= m.timestamp <= run.info.end_time for m in history)
+    final = client.get_metric_history(run_id, "pretrain/val_perplexity")
+    assert [m.step for m in final] == [20]  # pretrain.max_steps of the smoke config
+    assert run.data.params["pretrain.max_steps"] == "20"
+    assert run.data.params["report.steps"] == "20"
+    assert "trainer.progress_bar" not in run.data.params  # display only
     assert run.info.status == "FINISHED"
-    assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"pretrain.json", "pretrain"}
+    assert {a.path for a in client.list_artifacts(run_id)} >= {"pretrain.json", "pretrain"}
+
+
+# ------------------------------------------------------------------------- make ui
+
+
+def test_ui_url_opens_the_runs_table_filtered_to_evaluate() -> None:
+    assert runs_table_url("http://127.0.0.1:5001/", "3") == (
+        "http://127.0.0.1:5001/#/experiments/3/runs?workflowType=machine_learning"
+        "&searchFilter=tags.stage%20%3D%20%22evaluate%22"
+    )
+    assert runs_table_url("http://h:1", "3", charts=True).endswith("&compareRunsMode=CHART")
+    assert runs_table_url("http://h:1", None) == "http://h:1/#/experiments"
+
+
+def test_ui_refuses_a_taken_port_in_one_line(workdir: Path, tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path}/ui.db"
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = run(
+            [sys.executable, "-m", "pipeline.ui", "--port", str(port)],
+            workdir,
+            stage_env(MLFLOW_TRACKING_URI=uri, PYTHONPATH=str(ROOT)),
+            check=False,
+        )
+        assert proc.returncode == 1, proc.stdout + proc.stderr
+        assert proc.stderr.startswith(f"error: port {port} on 127.0.0.1 is taken")
+        assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+        bin_dir = f"BIN={Path(sys.executable).parent}"
+        make = run(
+            ["make", "-o", ".venv/.installed-stamp", bin_dir, "ui", f"PORT={port}"],
+            ROOT,
+            stage_env(MLFLOW_TRACKING_URI=uri, PYTHONPATH=str(ROOT)),
+            check=False,
+        )
+        assert make.returncode != 0 and f"error: port {port} on 127.0.0.1 is taken" in make.stderr
+
+
+def test_ui_serves_the_store_and_prints_its_runs_table(workdir: Path, tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path}/ui.db"
+    assert run_stage("fetch", workdir, MLFLOW_TRACKING_URI=uri).returncode == 0
+    experiment = MlflowClient(tracking_uri=uri).get_experiment_by_name("newsgroups-pipeline")
+    port = free_port()
+    log_path = tmp_path / "ui.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pipeline.ui", "--port", str(port)],
+            cwd=workdir,
+            env=stage_env(MLFLOW_TRACKING_URI=uri, PYTHONPATH=str(ROOT)),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # mlflow ui's workers stop with their group
+        )
+        try:
+            wait_for_http(f"http://127.0.0.1:{port}/health", proc, log_path)
+        finally:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=30)
+    lines = log_path.read_text().splitlines()
+    base = f"http://127.0.0.1:{port}"
+    assert f"runs: {runs_table_url(base, experiment.experiment_id)}" in lines
+    assert f"charts: {runs_table_url(base, experiment.experiment_id, charts=True)}" in lines

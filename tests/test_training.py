@@ -35,7 +35,9 @@ from pipeline.schemas import GROUPS, LOGIT_COLUMNS, Predictions
 from pipeline.training import (
     ClassifierModule,
     LMModule,
+    LossCurve,
     NonFiniteLossError,
+    StepProgressBar,
     TrainerParams,
     WarmupDecay,
     build_trainer,
@@ -160,6 +162,40 @@ def test_fast_dev_run_classifier(corpus: Path) -> None:
         predicted = module.eval()(batch).argmax(1)
     expected = (predicted == batch["labels"]).double().mean().item()
     assert float(trainer.callback_metrics["val_acc"]) == pytest.approx(expected)
+
+
+def test_loss_curve_rows_go_to_the_sink_as_they_are_made(corpus: Path) -> None:
+    """What MLflow gets is exactly the DVC curve: the same rows, steps and values."""
+    model_p, trainer_p = sections()
+    run = PretrainParams(**{**PRETRAIN, "max_steps": 6, "val_every_steps": 3})
+    data = tiny_data(corpus, LMCollator(16, VOCAB), LMCollator(16, VOCAB, seed=0))
+    sent: list[tuple[int, str, float]] = []
+    curve = LossCurve(every=2)
+    trainer = build_trainer(
+        trainer_p,
+        run,
+        [curve],
+        curve_sink=lambda values, step: sent.extend((step, k, v) for k, v in values.items()),
+    )
+    trainer.fit(LMModule(LanguageModel(model_p, VOCAB), run), datamodule=data)
+    expected = [(r["step"], "train_loss", r["loss"]) for r in curve.train]
+    expected += [(r["step"], "val_loss", r["loss"]) for r in curve.val]
+    assert [r["step"] for r in curve.train] == [2, 4, 6]
+    assert [r["step"] for r in curve.val] == [3, 6]
+    assert sorted(sent) == sorted(expected)
+
+
+def test_step_based_progress_bar_has_no_negative_epoch_count() -> None:
+    def description(**budget: int | None) -> str:
+        run = PretrainParams(**{**PRETRAIN, **budget})
+        trainer = build_trainer(TrainerParams(progress_bar=True), run, [])
+        bar = trainer.progress_bar_callback
+        assert isinstance(bar, StepProgressBar)
+        bar.setup(trainer, None, "fit")
+        return bar._get_train_description(0).strip()
+
+    assert description(max_steps=600, max_epochs=None) == "Epoch 0 (to step 600)"  # not 0/-2
+    assert description(max_steps=None, max_epochs=3) == "Epoch 0/2"
 
 
 # ---------------------------------------------------------------- stages end to end
@@ -470,7 +506,7 @@ def test_ddp_finetune_on_two_cpu_processes(corpus: Path, tmp_path: Path) -> None
 # ------------------------------------------------------------------ resume after a crash
 
 
-def pretrain_workdir(corpus: Path, folder: Path) -> Path:
+def pretrain_workdir(corpus: Path, folder: Path, tracking: bool = False) -> Path:
     """A stage folder (params.yaml, data/ linked to the tiny corpus) for an epoch-based
     pretraining that runs long enough to be killed between two checkpoints."""
     (folder / "data").mkdir(parents=True)
@@ -482,14 +518,16 @@ def pretrain_workdir(corpus: Path, folder: Path) -> Path:
         "model": MODEL,
         "pretrain": pretrain,
         "trainer": {**TRAINER, "threads": 1},
-        "tracking": {"enabled": False},
+        "tracking": {"enabled": tracking},
     }
     (folder / "params.yaml").write_text(yaml.safe_dump(params))
     return folder
 
 
 def stage_process(folder: Path) -> subprocess.Popen:
+    store = f"sqlite:///{folder / 'mlflow.db'}"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env["MLFLOW_TRACKING_URI"] = store
     return subprocess.Popen(
         [sys.executable, "-m", "pipeline.pretrain"],
         cwd=folder,
@@ -511,7 +549,7 @@ def test_a_killed_training_stage_resumes_to_the_same_weights(corpus: Path, tmp_p
     assert not (whole / ".checkpoints").exists(), out  # discarded after success
     expected = (whole / "data/models/pretrained/model.safetensors").read_bytes()
 
-    killed = pretrain_workdir(corpus, tmp_path / "killed")
+    killed = pretrain_workdir(corpus, tmp_path / "killed", tracking=True)
     proc = stage_process(killed)
     deadline = time.monotonic() + 600
     while not list(killed.glob(".checkpoints/pretrain/*/last.ckpt")):
@@ -530,3 +568,15 @@ def test_a_killed_training_stage_resumes_to_the_same_weights(corpus: Path, tmp_p
     assert json.loads((killed / "reports/pretrain.json").read_text())["resumed"] is True
     assert (killed / "data/models/pretrained/model.safetensors").read_bytes() == expected
     assert not (killed / ".checkpoints/pretrain").exists()
+    # The resumed stage's MLflow run has the whole curve, the rows made before the kill too.
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{killed / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("newsgroups-pipeline")
+    (done,) = client.search_runs([experiment.experiment_id], "attributes.status = 'FINISHED'")
+    history = client.get_metric_history(done.info.run_id, "pretrain/train_loss")
+    rows = pd.read_csv(killed / "reports/pretrain/train.csv")
+    assert sorted(m.step for m in history) == rows["step"].tolist()
+    np.testing.assert_allclose(
+        [m.value for m in sorted(history, key=lambda m: m.step)], rows["loss"], rtol=1e-5
+    )

@@ -129,7 +129,7 @@ def test_dvc_remote_repro_push_and_diffs(steps: list[dict[str, Any]]) -> None:
     push = next(s for s in steps if s.get("run", "").strip() == "dvc push")
     assert push["if"] == "env.DVC_REMOTE_URL != ''"
     assert 'python -m pipeline.config "experiment=$EXPERIMENT"' in text
-    assert "dvc metrics diff main --md" in text and "dvc plots diff main" in text
+    assert "dvc metrics diff main --md" in text and "make plots REV=main" in text
     assert "GITHUB_STEP_SUMMARY" in text
     upload = next(s for s in steps if s.get("uses", "").startswith("actions/upload-artifact@"))
     assert {"diff.md", "dvc_plots/", "reports/"} <= set(upload["with"]["path"].split())
@@ -138,3 +138,22 @@ def test_dvc_remote_repro_push_and_diffs(steps: list[dict[str, Any]]) -> None:
 def test_gate_is_the_last_step(steps: list[dict[str, Any]]) -> None:
     assert "python -m pipeline.gate" in steps[-1]["run"]
     assert "if" not in steps[-1]  # a failed gate must fail the run, on every trigger
+
+
+def test_runs_go_to_a_tracking_server_or_the_store_is_uploaded(
+    workflow: dict[str, Any], steps: list[dict[str, Any]]
+) -> None:
+    """Scheduled runs must not log to a throwaway store: a server when the secret is set,
+    else the run's SQLite store and artifacts as a downloadable artifact."""
+    env = workflow["jobs"]["pipeline"]["env"]
+    assert env["MLFLOW_TRACKING_URI"] == "${{ secrets.MLFLOW_TRACKING_URI }}"
+    store = next(
+        s
+        for s in steps
+        if s.get("uses", "").startswith("actions/upload-artifact@")
+        and "mlflow.db" in s["with"]["path"]
+    )
+    assert store["if"] == "always() && env.MLFLOW_TRACKING_URI == ''"
+    assert set(store["with"]["path"].split()) == {"mlflow.db", "mlartifacts/"}
+    repro = next(s for s in steps if 'dvc repro "${args[@]}"' in s.get("run", ""))
+    assert steps.index(store) > steps.index(repro)
