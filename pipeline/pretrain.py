@@ -5,7 +5,10 @@ read) and ``data/tokenizer/tokenizer.json`` (vocabulary size). Each training doc
 contributes a random window of ``model.max_len - 2`` tokens per epoch. ``objective``:
 ``mlm`` (default) predicts dynamically masked tokens with bidirectional attention;
 ``clm`` predicts every next token with causal attention. Validation uses fixed windows
-(and masks) so its loss is comparable across steps.
+(and masks) so its loss is comparable across steps. Before training, ``embedding_init:
+lsa`` (default) sets the token embedding from a truncated SVD of the train split's TF-IDF
+(:mod:`pipeline.embedding_init`): seconds of CPU that are worth more to the classifier
+than the MLM steps this budget affords.
 
 Outputs (all written atomically after training, by global rank 0 only):
 ``data/models/pretrained/`` (``model.safetensors`` with the encoder and MLM head,
@@ -23,7 +26,14 @@ from typing import Any
 import lightning.pytorch as L
 from pydantic import Field
 
-from pipeline.data import LMCollator, TokenizedDataModule, load_splits, load_vocab_size
+from pipeline.data import (
+    DocumentTokens,
+    LMCollator,
+    TokenizedDataModule,
+    load_splits,
+    load_vocab_size,
+)
+from pipeline.embedding_init import EmbeddingInit, init_embedding
 from pipeline.errors import run_stage
 from pipeline.io import atomic_outputs, write_json
 from pipeline.model import (
@@ -63,6 +73,35 @@ class PretrainParams(TrainParams):
 
     objective: Objective = "mlm"
     mask_rate: float = Field(default=0.15, gt=0.0, lt=1.0)  # mlm only
+    # Token embedding before training: lsa (train-only spectral vectors) or none (random)
+    embedding_init: EmbeddingInit = "lsa"
+    embedding_std: float = Field(default=0.02, gt=0.0, le=1.0)  # entry std of LSA rows
+    embedding_power: float = Field(default=0.5, ge=0.0, le=1.0)  # rows are V * S**power
+
+
+def initial_model(
+    model_params: ModelParams,
+    params: PretrainParams,
+    vocab_size: int,
+    train: DocumentTokens,
+    seed: int,
+) -> LanguageModel:
+    """The language model before training: seeded random weights, then the token
+    embedding set from the train documents as ``params.embedding_init`` says."""
+    model = LanguageModel(model_params, vocab_size, params.objective)
+    if params.embedding_init != "none":
+        start = time.perf_counter()
+        init_embedding(
+            model.encoder.tok_emb,
+            [ex.tokens for ex in train],
+            params.embedding_init,
+            seed=seed,
+            std=params.embedding_std,
+            power=params.embedding_power,
+        )
+        seconds = time.perf_counter() - start
+        say(f"pretrain: {params.embedding_init} token embedding from train in {seconds:.1f} s")
+    return model
 
 
 def run(
@@ -83,7 +122,7 @@ def run(
     L.seed_everything(seed, workers=True, verbose=False)
     vocab_size = load_vocab_size(tokenizer)
     splits = load_splits(tokenized, vocab_size, len(GROUPS), ("train", "validation"))
-    model = LanguageModel(model_params, vocab_size, params.objective)
+    model = initial_model(model_params, params, vocab_size, splits["train"], seed)
     counts = parameter_counts(model)
     kind = {"mlm": "masked", "clm": "causal"}[params.objective]
     say(f"pretrain: {kind} LM with {format_parameter_counts(counts)}")
