@@ -85,6 +85,8 @@ class TrainParams(Section):
     batch_size: int = Field(default=32, ge=1)
     eval_batch_size: int | None = Field(default=None, ge=1)
     lr: float = Field(default=5e-4, gt=0.0, le=10.0)
+    # the token embedding's own peak LR (None: lr); same schedule
+    embedding_lr: float | None = Field(default=None, gt=0.0, le=10.0)
     weight_decay: float = Field(default=0.01, ge=0.0, le=10.0)
     adam_beta1: float = Field(default=0.9, ge=0.0, lt=1.0)
     adam_beta2: float = Field(default=0.98, ge=0.0, lt=1.0)
@@ -131,13 +133,21 @@ def param_groups(
     weight_decay: float,
     n_layers: int,
     layer_decay: float = 1.0,
+    embedding_lr: float | None = None,
 ) -> list[dict[str, Any]]:
     """AdamW groups: no weight decay on biases, norms and embeddings; with
     ``layer_decay < 1`` a parameter at depth d gets ``lr * layer_decay ** (top - d)``, so
-    lower (more general) layers move less when fine-tuning."""
+    lower (more general) layers move less when fine-tuning. ``embedding_lr`` gives the
+    token embedding its own peak LR: from random rows, a short run moves rare tokens'
+    rows too little at the encoder's LR."""
     groups: dict[tuple[int, bool], dict[str, Any]] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
+            continue
+        if embedding_lr is not None and name.startswith("encoder.tok_emb."):
+            key = (-1, False)
+            groups.setdefault(key, {"params": [], "lr": embedding_lr, "weight_decay": 0.0})
+            groups[key]["params"].append(param)
             continue
         depth = _depth(name, n_layers)
         decay = param.ndim >= 2 and "emb" not in name
@@ -178,7 +188,7 @@ def configure_adamw(
     layer_decay: float,
 ) -> dict[str, Any]:
     """Optimizer + per-step scheduler for ``configure_optimizers``."""
-    groups = param_groups(net, run.lr, run.weight_decay, n_layers, layer_decay)
+    groups = param_groups(net, run.lr, run.weight_decay, n_layers, layer_decay, run.embedding_lr)
     optimizer = torch.optim.AdamW(groups, lr=run.lr, betas=(run.adam_beta1, run.adam_beta2))
     total = module.trainer.estimated_stepping_batches
     if not math.isfinite(total):

@@ -366,6 +366,16 @@ def test_param_groups_decay_and_layer_lr() -> None:
     assert seen == len(list(model.parameters()))
 
 
+def test_embedding_lr_gives_the_token_embedding_its_own_group() -> None:
+    model = Classifier(ModelParams(**{**MODEL, "n_layers": 2}), VOCAB, 20)
+    groups = param_groups(model, lr=1.0, weight_decay=0.1, n_layers=2, embedding_lr=30.0)
+    own = [g for g in groups if g["lr"] == 30.0]
+    assert len(own) == 1 and own[0]["weight_decay"] == 0.0
+    assert own[0]["params"] == [model.encoder.tok_emb.weight]
+    rest = [p for g in groups if g["lr"] != 30.0 for p in g["params"]]
+    assert len(rest) + 1 == len(list(model.parameters()))  # every parameter exactly once
+
+
 def test_warmup_then_decay() -> None:
     cosine = WarmupDecay(total=110, warmup=10, schedule="cosine", min_ratio=0.1)
     assert cosine(0) == pytest.approx(0.1) and cosine(9) == pytest.approx(1.0)
