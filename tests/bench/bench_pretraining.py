@@ -15,6 +15,11 @@ documents: an exact McNemar test per seed, and a paired bootstrap of the accurac
 difference over all seeds. Prints a table and writes ``reports/bench/pretraining.json``.
 
     python tests/bench/bench_pretraining.py --seeds 42 43 --scratch lr=0.003
+    python tests/bench/bench_pretraining.py --seeds 42 --reuse-pipeline  # after dvc repro
+
+``--reuse-pipeline`` takes the pretrained side of the params' own seed from the
+pipeline's outputs (``reports/pretrain.json``, ``reports/finetune.json``,
+``data/predictions/transformer``): the same deterministic run, not trained twice.
 
 Not part of the test suite: it trains 2 x len(seeds) models on the full data (about
 20 minutes each on 2 cores).
@@ -75,8 +80,31 @@ def paired_bootstrap(a: np.ndarray, b: np.ndarray, rounds: int, seed: int) -> di
     }
 
 
-def run_pair(params: dict[str, Any], seed: int, scratch: dict[str, Any], work: Path) -> dict:
-    """Train the pretrained and the scratch encoder for one seed; their budgets and hits."""
+def pipeline_side() -> tuple[dict, float, dict, float, Path]:
+    """The pretrained side as ``dvc repro`` left it (same params and seed, so the same
+    deterministic run): reports, minutes and the transformer's predictions folder."""
+    if dvc_status_dirty():
+        raise SystemExit("--reuse-pipeline: `dvc status` is not clean; run `dvc repro` first")
+    pre = json.loads(Path("reports/pretrain.json").read_text(encoding="utf-8"))
+    fine = json.loads(Path("reports/finetune.json").read_text(encoding="utf-8"))
+    predictions = Path("data/predictions/transformer")
+    return pre, pre["train_minutes"], fine, fine["train_minutes"], predictions
+
+
+def dvc_status_dirty() -> bool:
+    import subprocess
+
+    out = subprocess.run(
+        ["dvc", "status", "pretrain", "finetune"], capture_output=True, text=True, check=True
+    )
+    return "up to date" not in out.stdout.lower()
+
+
+def run_pair(
+    params: dict[str, Any], seed: int, scratch: dict[str, Any], work: Path, reuse: bool
+) -> dict:
+    """Train the pretrained and the scratch encoder for one seed; their budgets and hits.
+    ``reuse``: the pretrained side is the pipeline's own run (the params' seed only)."""
     from pipeline.finetune import FinetuneParams
     from pipeline.finetune import run as finetune
     from pipeline.model import ModelParams
@@ -97,17 +125,19 @@ def run_pair(params: dict[str, Any], seed: int, scratch: dict[str, Any], work: P
             **({"out_predictions": root / "predictions"} if name != "pretrain" else {}),
         }
 
-    start = time.perf_counter()
-    pre_paths = paths("pretrain")
-    pre = pretrain(model, PretrainParams(**params["pretrain"]), trainer, seed, **pre_paths)
-    pre_minutes = (time.perf_counter() - start) / 60
-    pre_tokens = pre["train_tokens"]
-
-    start = time.perf_counter()
     fine_paths = paths("pretrained")
-    ft = FinetuneParams(**{**params["finetune"], "init": "pretrained"})
-    fine = finetune(model, ft, trainer, seed, pretrained=pre_paths["out_model"], **fine_paths)
-    fine_minutes = (time.perf_counter() - start) / 60
+    if reuse:
+        pre, pre_minutes, fine, fine_minutes, fine_paths["out_predictions"] = pipeline_side()
+    else:
+        start = time.perf_counter()
+        pre_paths = paths("pretrain")
+        pre = pretrain(model, PretrainParams(**params["pretrain"]), trainer, seed, **pre_paths)
+        pre_minutes = (time.perf_counter() - start) / 60
+        start = time.perf_counter()
+        ft = FinetuneParams(**{**params["finetune"], "init": "pretrained"})
+        fine = finetune(model, ft, trainer, seed, pretrained=pre_paths["out_model"], **fine_paths)
+        fine_minutes = (time.perf_counter() - start) / 60
+    pre_tokens = pre["train_tokens"]
     tokens_per_step = fine["train_tokens"] / max(1, fine["steps"])
     extra_steps = math.ceil(pre_tokens / tokens_per_step)
 
@@ -147,13 +177,20 @@ def main() -> None:
         "--scratch", nargs="*", default=[], help="finetune overrides for scratch, KEY=VALUE"
     )
     parser.add_argument("--bootstrap", type=int, default=10000)
+    parser.add_argument(
+        "--reuse-pipeline",
+        action="store_true",
+        help="for the params' own seed, take the pretrained side from `dvc repro`'s outputs",
+    )
     args = parser.parse_args()
     scratch = {k: parse_value(v) for k, v in (item.split("=", 1) for item in args.scratch)}
     params = yaml.safe_load(Path("params.yaml").read_text(encoding="utf-8"))
     runs, pre_hits, scratch_hits = [], [], []
     with tempfile.TemporaryDirectory(prefix="bench-pretraining-") as tmp:
         for seed in args.seeds:
-            row, hits = run_pair(params, seed, scratch, Path(tmp))
+            reuse = args.reuse_pipeline and seed == params["seed"]
+            row, hits = run_pair(params, seed, scratch, Path(tmp), reuse)
+            row["pretrained"]["from_pipeline"] = reuse
             a, b = hits["pretrained"].to_numpy(), hits["scratch"].to_numpy()
             row["pretrained"]["test_accuracy"] = round(float(a.mean()), 6)
             row["scratch"]["test_accuracy"] = round(float(b.mean()), 6)
@@ -169,7 +206,8 @@ def main() -> None:
     a, b = np.concatenate(pre_hits), np.concatenate(scratch_hits)
     result = {
         "command": "python tests/bench/bench_pretraining.py "
-        + " ".join(["--seeds", *map(str, args.seeds), "--scratch", *args.scratch]),
+        + " ".join(["--seeds", *map(str, args.seeds), "--scratch", *args.scratch])
+        + (" --reuse-pipeline" if args.reuse_pipeline else ""),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
         "budget": "scratch gets the pretraining run's real tokens as extra fine-tuning steps",
         "pretrained_accuracy": round(float(a.mean()), 6),
