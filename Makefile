@@ -70,7 +70,7 @@ bench: $(STAMP)  ## speed figures (needs the full archive; see README)
 	$(BIN)/python tests/bench/bench_tokenize.py
 	$(BIN)/python tests/bench/bench_train.py
 
-bench-stages: $(STAMP)  ## wall time + peak memory per stage: a forced full run (~30 min)
+bench-stages: $(STAMP)  ## wall time + peak memory per stage: a forced full run (~25 min)
 	$(BIN)/python tests/bench/bench_stages.py
 
 ui: $(STAMP)  ## MLflow UI on the tracking store; prints the URL of the evaluate runs (PORT=5000)
