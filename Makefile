@@ -57,7 +57,7 @@ test: $(STAMP) $(TOOLS)  ## run the test suite
 	$(BIN)/python -m pytest
 
 gate: $(STAMP)  ## compare reports/metrics.json with main's committed metrics (BASELINE=<rev|file>)
-	$(BIN)/python -m pipeline.gate $(if $(BASELINE),--baseline $(BASELINE))
+	$(BIN)/python -m pipeline.tools.gate $(if $(BASELINE),--baseline $(BASELINE))
 
 params: $(STAMP)  ## regenerate params.yaml from conf/ (extra Hydra overrides: make params O="a=b")
 	$(BIN)/python -m pipeline.config $(O)
@@ -74,10 +74,10 @@ bench-stages: $(STAMP)  ## wall time + peak memory per stage: a forced full run 
 	$(BIN)/python tests/bench/bench_stages.py
 
 ui: $(STAMP)  ## MLflow UI on the tracking store; prints the URL of the evaluate runs (PORT=5000)
-	@$(BIN)/python -m pipeline.ui --port $(PORT)
+	@$(BIN)/python -m pipeline.tools.ui --port $(PORT)
 
-$(PLOT_PAGE): $(TOOLS) .dvc/plots/page.html pipeline/plot_page.py
-	$(BIN)/python -m pipeline.plot_page --out $@
+$(PLOT_PAGE): $(TOOLS) .dvc/plots/page.html pipeline/tools/plot_page.py
+	$(BIN)/python -m pipeline.tools.plot_page --out $@
 
 plots: $(STAMP) $(PLOT_PAGE)  ## dvc plots show (REV=main: diff) -> dvc_plots/index.html, offline
 	$(BIN)/dvc plots $(if $(REV),diff $(REV),show) --html-template $(PLOT_PAGE) --out dvc_plots

@@ -8,7 +8,7 @@ tokenizer, the classifier (weights + ``config.json``), the wide model (IDF + wei
 ``blend.json``, the calibrator (JSON) and ``serving.json`` (class names, the long-document
 settings the classifier was trained with). A text is tokenized whole without special
 tokens, then chunked exactly like the fine-tuning collator does
-(:class:`pipeline.data.ClassifyCollator`) and bagged exactly like the ``wide`` stage does
+(:class:`pipeline.encoder.data.ClassifyCollator`) and bagged exactly like the ``wide`` stage does
 (:class:`pipeline.bag.WideModel`), so served logits equal the pipeline's ``blend`` logits.
 
 The model is logged as code (:mod:`pipeline.served_model`, MLflow "models from code"),
@@ -37,8 +37,8 @@ from pipeline.schemas import GROUPS
 if TYPE_CHECKING:  # torch, lightning and scikit-learn load only when a model does
     from pipeline.bag import WideModel
     from pipeline.calibration import Calibrator
-    from pipeline.data import ClassifyCollator
-    from pipeline.model import Classifier
+    from pipeline.encoder.data import ClassifyCollator
+    from pipeline.encoder.model import Classifier
 
 TEXT_COLUMN = "text"
 SERVING_FILE = "serving.json"
@@ -163,8 +163,8 @@ class Scorer:
 
         from pipeline.bag import WideModel
         from pipeline.calibration import Calibrator
-        from pipeline.data import SPECIAL_TOKENS, ClassifyCollator
-        from pipeline.model import Classifier, ModelParams, load_model_files
+        from pipeline.encoder.data import SPECIAL_TOKENS, ClassifyCollator
+        from pipeline.encoder.model import Classifier, ModelParams, load_model_files
 
         tokenizer = Tokenizer.from_file(str(files.tokenizer))
         for token, expected in SPECIAL_TOKENS.items():
@@ -227,8 +227,8 @@ class Scorer:
         """The ``transformer`` model's float64 logits, batched like ``finetune`` predicts."""
         import torch
 
-        from pipeline.data import Example
-        from pipeline.model import model_inputs
+        from pipeline.encoder.data import Example
+        from pipeline.encoder.model import model_inputs
 
         assert self.encoder is not None and self.collate is not None
         out = []

@@ -180,7 +180,7 @@ def source_tags(stage: str, cwd: Path, env: Mapping[str, str]) -> dict[str, str]
     except (KeyError, OSError):  # no passwd entry (some containers)
         user = env.get("USER", "unknown")
     tags = {
-        MLFLOW_SOURCE_NAME: f"pipeline/{stage}.py",
+        MLFLOW_SOURCE_NAME: f"pipeline/stages/{stage}.py",
         MLFLOW_SOURCE_TYPE: "JOB" if env.get("CI") else "LOCAL",
         MLFLOW_GIT_COMMIT: git_commit(cwd),
         MLFLOW_USER: user,

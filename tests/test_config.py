@@ -9,8 +9,8 @@ import yaml
 
 from pipeline.config import compose, load_section, load_seed
 from pipeline.errors import PipelineError
-from pipeline.fetch import DataParams
-from pipeline.tokenize import TokenizerParams
+from pipeline.stages.fetch import DataParams
+from pipeline.stages.tokenize import TokenizerParams
 from tests.helpers import ROOT
 
 
@@ -102,8 +102,8 @@ def _sections() -> list[type]:
     import pipeline
     from pipeline.config import Section
 
-    for info in pkgutil.iter_modules(pipeline.__path__):
-        importlib.import_module(f"pipeline.{info.name}")
+    for info in pkgutil.walk_packages(pipeline.__path__, "pipeline."):
+        importlib.import_module(info.name)
     found, todo = [], [Section]
     while todo:
         cls = todo.pop()
@@ -159,10 +159,10 @@ def test_every_numeric_param_has_a_range() -> None:
 def test_training_params_errors_name_the_key_first(
     tmp_path: Path, section: str, values: dict, message: str
 ) -> None:
-    from pipeline.finetune import FinetuneParams
-    from pipeline.model import ModelParams
-    from pipeline.pretrain import PretrainParams
-    from pipeline.training import TrainerParams
+    from pipeline.encoder.model import ModelParams
+    from pipeline.encoder.training import TrainerParams
+    from pipeline.stages.finetune import FinetuneParams
+    from pipeline.stages.pretrain import PretrainParams
 
     classes = {
         "pretrain": PretrainParams,

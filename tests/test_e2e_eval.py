@@ -268,7 +268,7 @@ def check_plots(repo: Path) -> None:
         [
             sys.executable,
             "-m",
-            "pipeline.plot_page",
+            "pipeline.tools.plot_page",
             "--node-modules",
             str(modules),
             "--out",

@@ -1,4 +1,4 @@
-"""LSA initialisation of the token embedding (pipeline.embedding_init) and its use by
+"""LSA initialisation of the token embedding (pipeline.encoder.embedding_init) and its use by
 pretrain: shapes, determinism for a seed, train-only statistics, untouched special rows."""
 
 from __future__ import annotations
@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from pipeline.config import read_params
-from pipeline.data import N_SPECIAL, DocumentTokens
-from pipeline.embedding_init import init_embedding, install_vectors, lsa_vectors, occurring
-from pipeline.model import ModelParams
-from pipeline.pretrain import PretrainParams, initial_model
+from pipeline.encoder.data import N_SPECIAL, DocumentTokens
+from pipeline.encoder.embedding_init import init_embedding, install_vectors, lsa_vectors, occurring
+from pipeline.encoder.model import ModelParams
+from pipeline.stages.pretrain import PretrainParams, initial_model
 
 VOCAB = 60
 DIM = 8

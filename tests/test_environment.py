@@ -30,7 +30,7 @@ def declared() -> dict[str, str]:
 def third_party_imports() -> set[str]:
     """Top-level names of the non-stdlib, non-project modules ``pipeline/`` imports."""
     names = set()
-    for path in (ROOT / "pipeline").glob("*.py"):
+    for path in (ROOT / "pipeline").rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if isinstance(node, ast.Import):
                 names |= {a.name.split(".")[0] for a in node.names}

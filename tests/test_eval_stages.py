@@ -11,12 +11,19 @@ import pandas as pd
 import pytest
 import yaml
 
-from pipeline.baseline import BaselineParams, fit, logits_for
-from pipeline.calibrate import CalibrateParams, calibrate_model
 from pipeline.calibration import TemperatureScaling, softmax
 from pipeline.config import compose, load_section
 from pipeline.errors import PipelineError
-from pipeline.evaluate import (
+from pipeline.predictions import (
+    check_against_documents,
+    make_table,
+    split_arrays,
+    validate_probabilities,
+)
+from pipeline.schemas import GROUPS, LOGIT_COLUMNS, MetricsRow, Predictions, validate
+from pipeline.stages.baseline import BaselineParams, fit, logits_for
+from pipeline.stages.calibrate import CalibrateParams, calibrate_model
+from pipeline.stages.evaluate import (
     FIGURE_NAMES,
     HEADLINE,
     EvaluateParams,
@@ -33,13 +40,6 @@ from pipeline.evaluate import (
     write_figures,
     write_plots,
 )
-from pipeline.predictions import (
-    check_against_documents,
-    make_table,
-    split_arrays,
-    validate_probabilities,
-)
-from pipeline.schemas import GROUPS, LOGIT_COLUMNS, MetricsRow, Predictions, validate
 from tests.helpers import ROOT
 
 K = len(GROUPS)

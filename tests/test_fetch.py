@@ -10,9 +10,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline import fetch
 from pipeline.errors import PipelineError
-from pipeline.fetch import (
+from pipeline.schemas import FULL_SPLIT_SIZES, GROUPS, Documents, validate
+from pipeline.stages import fetch
+from pipeline.stages.fetch import (
     DataParams,
     Source,
     assign_validation,
@@ -36,7 +37,6 @@ from pipeline.fetch import (
     thread_keys,
     verify_archive,
 )
-from pipeline.schemas import FULL_SPLIT_SIZES, GROUPS, Documents, validate
 from tests.helpers import build_archive, make_post
 
 PARAMS = DataParams(

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import yaml
 
-from pipeline.gate import GateParams, compare, format_table
+from pipeline.tools.gate import GateParams, compare, format_table
 from tests.helpers import ROOT, run
 
 PARAMS = {
@@ -29,7 +29,7 @@ def summary(accuracy: float, nll: float, ece: float) -> dict[str, float]:
     return {"n": 7532, "accuracy": accuracy, "nll": nll, "brier": 0.23, "ece": ece, "mce": 0.1}
 
 
-# The shape pipeline/evaluate.py writes.
+# The shape pipeline/stages/evaluate.py writes.
 METRICS: dict[str, Any] = {
     "ece_bins": 15,
     "transformer": {
@@ -64,7 +64,7 @@ def files(tmp_path: Path) -> Path:
 
 
 def gate(cwd: Path, *args: str):
-    return run([sys.executable, "-m", "pipeline.gate", *args], cwd, check=False)
+    return run([sys.executable, "-m", "pipeline.tools.gate", *args], cwd, check=False)
 
 
 def gate_files(tmp: Path, current: dict[str, Any] | str):

@@ -7,7 +7,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from pipeline.data import (
+from pipeline.encoder.data import (
     CLS_ID,
     IGNORE,
     MASK_ID,
@@ -21,7 +21,7 @@ from pipeline.data import (
     next_token_labels,
     split_document,
 )
-from pipeline.model import (
+from pipeline.encoder.model import (
     Classifier,
     Encoder,
     LanguageModel,

@@ -26,9 +26,8 @@ import yaml
 from mlflow import MlflowClient
 
 from pipeline.calibration import fit_calibrator
-from pipeline.finetune import FinetuneParams
-from pipeline.finetune import run as finetune
-from pipeline.model import ModelParams
+from pipeline.encoder.model import ModelParams
+from pipeline.encoder.training import TrainerParams
 from pipeline.schemas import GROUPS, LOGIT_COLUMNS
 from pipeline.serving import (
     Scorer,
@@ -38,8 +37,9 @@ from pipeline.serving import (
     serving_config,
     validate_texts,
 )
-from pipeline.tokenize import TokenizerParams, train_tokenizer
-from pipeline.training import TrainerParams
+from pipeline.stages.finetune import FinetuneParams
+from pipeline.stages.finetune import run as finetune
+from pipeline.stages.tokenize import TokenizerParams, train_tokenizer
 from tests.helpers import ROOT, make_post, stage_env, wait_for_http
 
 NAME = "test-newsgroups"
@@ -69,7 +69,7 @@ def build_project(root: Path) -> None:
     calibrator (plus the documents table), made by the stages' own functions."""
     from datasets import Dataset, DatasetDict
 
-    from pipeline import blend, wide
+    from pipeline.stages import blend, wide
 
     texts = {
         split: [(g, post(g, 100 * i + k)) for g in range(20) for k in range(n)]
@@ -181,7 +181,7 @@ def env(store: str) -> dict[str, str]:
 def registered(project: Path, store: str) -> dict:
     """Run the register stage once: log + register version 1 in the SQLite store."""
     proc = subprocess.run(
-        [sys.executable, "-m", "pipeline.register"],
+        [sys.executable, "-m", "pipeline.stages.register"],
         cwd=project,
         env=env(store),
         capture_output=True,
@@ -202,7 +202,7 @@ def files(project: Path) -> ServedFiles:
 
 
 def scorer(project: Path) -> Scorer:
-    from pipeline.model import load_model_files
+    from pipeline.encoder.model import load_model_files
 
     config = serving_config(load_model_files(project / "data/models/classifier")[0], 8)
     return Scorer.load(files(project), config)
@@ -477,7 +477,7 @@ def test_bad_requests_get_a_one_line_400(server: str, payload: dict, message: st
 
 def predict_cli(cwd: Path, store: str, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "pipeline.predict", *args],
+        [sys.executable, "-m", "pipeline.tools.predict", *args],
         cwd=cwd,
         env=env(store),
         capture_output=True,
@@ -546,7 +546,7 @@ def test_register_without_tracking_writes_only_its_report(project: Path, tmp_pat
     (tmp_path / "params.yaml").unlink()
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     proc = subprocess.run(
-        [sys.executable, "-m", "pipeline.register"],
+        [sys.executable, "-m", "pipeline.stages.register"],
         cwd=tmp_path,
         env=env(f"sqlite:///{tmp_path / 'never.db'}"),
         capture_output=True,
@@ -564,7 +564,7 @@ def test_register_without_tracking_writes_only_its_report(project: Path, tmp_pat
 
 def test_read_texts_formats(tmp_path: Path) -> None:
     from pipeline.errors import PipelineError
-    from pipeline.predict import read_texts
+    from pipeline.tools.predict import read_texts
 
     (tmp_path / "a.txt").write_text("first post\nsecond post\n", encoding="utf-8")
     assert read_texts(tmp_path / "a.txt")["text"].tolist() == ["first post", "second post"]
@@ -578,7 +578,7 @@ def test_register_checks_its_inputs_first(project: Path, tmp_path: Path) -> None
     from dataclasses import replace
 
     from pipeline.errors import PipelineError
-    from pipeline.register import check_inputs, served_metrics
+    from pipeline.stages.register import check_inputs, served_metrics
 
     with pytest.raises(PipelineError, match="tokenizer.json: not found"):
         check_inputs(replace(files(project), tokenizer=tmp_path / "tokenizer.json"))
@@ -592,7 +592,7 @@ def test_register_checks_its_inputs_first(project: Path, tmp_path: Path) -> None
 
 
 def test_registered_names_keep_toy_runs_off_the_production_name() -> None:
-    from pipeline.register import RegisterParams, registered_name
+    from pipeline.stages.register import RegisterParams, registered_name
 
     assert registered_name(RegisterParams(), "default") == "newsgroups-classifier"
     smoke = RegisterParams(production=False)

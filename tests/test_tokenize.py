@@ -7,8 +7,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from pipeline.fetch import parse_archive
-from pipeline.tokenize import (
+from pipeline.stages.fetch import parse_archive
+from pipeline.stages.tokenize import (
     CLS_ID,
     SEP_ID,
     SPECIAL_TOKENS,

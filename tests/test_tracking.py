@@ -14,6 +14,7 @@ import pytest
 import requests
 from mlflow import MlflowClient
 
+from pipeline.tools.ui import runs_table_url
 from pipeline.tracking import (
     TrackingParams,
     finite_metrics,
@@ -25,7 +26,6 @@ from pipeline.tracking import (
     scalar_params,
     split_report,
 )
-from pipeline.ui import runs_table_url
 from tests.helpers import (
     GIT_ENV,
     ROOT,
@@ -112,7 +112,7 @@ def test_stages_log_params_metrics_tags_and_artifacts(workdir: Path, tiny_archiv
     assert fetch.data.tags["pipeline_run"] == tokenize.data.tags["pipeline_run"]
     assert fetch.data.tags["mlflow.runName"] == "fetch (smoke)"
     assert fetch.data.tags["config"] == "smoke"
-    assert fetch.data.tags["mlflow.source.name"] == "pipeline/fetch.py"
+    assert fetch.data.tags["mlflow.source.name"] == "pipeline/stages/fetch.py"
     assert fetch.data.tags["mlflow.source.git.commit"] == "unknown"  # workdir is no git repo
     assert fetch.info.status == "FINISHED" and fetch.info.start_time < fetch.info.end_time
     artifacts = {a.path for a in client.list_artifacts(tokenize.info.run_id)}
@@ -310,7 +310,7 @@ def test_ui_refuses_a_taken_port_in_one_line(workdir: Path, tmp_path: Path) -> N
         taken.listen()
         port = taken.getsockname()[1]
         proc = run(
-            [sys.executable, "-m", "pipeline.ui", "--port", str(port)],
+            [sys.executable, "-m", "pipeline.tools.ui", "--port", str(port)],
             workdir,
             stage_env(MLFLOW_TRACKING_URI=uri, PYTHONPATH=str(ROOT)),
             check=False,
@@ -336,7 +336,7 @@ def test_ui_serves_the_store_and_prints_its_runs_table(workdir: Path, tmp_path: 
     log_path = tmp_path / "ui.log"
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "pipeline.ui", "--port", str(port)],
+            [sys.executable, "-m", "pipeline.tools.ui", "--port", str(port)],
             cwd=workdir,
             env=stage_env(MLFLOW_TRACKING_URI=uri, PYTHONPATH=str(ROOT)),
             stdout=log,

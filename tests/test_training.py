@@ -15,24 +15,15 @@ import pytest
 import torch
 import yaml
 
-from pipeline.data import (
+from pipeline.encoder.data import (
     ClassifyCollator,
     LMCollator,
     TokenizedDataModule,
     load_splits,
     load_vocab_size,
 )
-from pipeline.errors import PipelineError, run_stage
-from pipeline.finetune import (
-    FinetuneParams,
-    build_classifier,
-)
-from pipeline.finetune import run as finetune
-from pipeline.model import Classifier, LanguageModel, ModelParams
-from pipeline.pretrain import PretrainParams
-from pipeline.pretrain import run as pretrain
-from pipeline.schemas import GROUPS, LOGIT_COLUMNS, Predictions
-from pipeline.training import (
+from pipeline.encoder.model import Classifier, LanguageModel, ModelParams
+from pipeline.encoder.training import (
     ClassifierModule,
     LMModule,
     LossCurve,
@@ -43,6 +34,15 @@ from pipeline.training import (
     build_trainer,
     param_groups,
 )
+from pipeline.errors import PipelineError, run_stage
+from pipeline.schemas import GROUPS, LOGIT_COLUMNS, Predictions
+from pipeline.stages.finetune import (
+    FinetuneParams,
+    build_classifier,
+)
+from pipeline.stages.finetune import run as finetune
+from pipeline.stages.pretrain import PretrainParams
+from pipeline.stages.pretrain import run as pretrain
 
 ROOT = Path(__file__).resolve().parent.parent
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -496,7 +496,7 @@ def test_ddp_finetune_on_two_cpu_processes(corpus: Path, tmp_path: Path) -> None
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
-        [sys.executable, "-m", "pipeline.finetune"],
+        [sys.executable, "-m", "pipeline.stages.finetune"],
         cwd=tmp_path,
         env=env,
         capture_output=True,
@@ -539,7 +539,7 @@ def stage_process(folder: Path) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     env["MLFLOW_TRACKING_URI"] = store
     return subprocess.Popen(
-        [sys.executable, "-m", "pipeline.pretrain"],
+        [sys.executable, "-m", "pipeline.stages.pretrain"],
         cwd=folder,
         env=env,
         stdout=subprocess.PIPE,

@@ -8,9 +8,9 @@ import pandas as pd
 import pytest
 
 from pipeline.bag import WideModel, bag_features, count_matrix
-from pipeline.blend import blended, cross_fit, fit_weights, fold_ids
 from pipeline.errors import PipelineError
 from pipeline.predictions import make_table
+from pipeline.stages.blend import blended, cross_fit, fit_weights, fold_ids
 from tests.helpers import assert_failed_cleanly, run_stage, stage_files
 
 VOCAB = 50

@@ -136,7 +136,7 @@ def test_dvc_remote_repro_push_and_diffs(steps: list[dict[str, Any]]) -> None:
 
 
 def test_gate_is_the_last_step(steps: list[dict[str, Any]]) -> None:
-    assert "python -m pipeline.gate" in steps[-1]["run"]
+    assert "python -m pipeline.tools.gate" in steps[-1]["run"]
     assert "if" not in steps[-1]  # a failed gate must fail the run, on every trigger
 
 

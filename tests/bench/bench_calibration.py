@@ -1,7 +1,8 @@
 """Benchmark: every calibration method fitted on validation, scored on test, per model.
 
 Run from the repo root (or give ``--project``) after `fetch` and a model stage on the full
-data, e.g. ``python -m pipeline.fetch && python -m pipeline.baseline``. For each model in
+data, e.g. ``python -m pipeline.stages.fetch && python -m pipeline.stages.baseline``. For
+each model in
 ``data/predictions/<model>/predictions.parquet`` it fits every method of
 :mod:`pipeline.calibration` (and ``auto`` over two candidate lists) on the validation
 rows only and reports, on the test rows: ECE (15 equal-width bins), debiased ECE, NLL
@@ -28,12 +29,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pipeline.calibrate import CalibrateOptions
 from pipeline.calibration import METHODS, fit_calibrator, select_auto, softmax
 from pipeline.io import write_json
 from pipeline.metrics import accuracy, ece, ece_debiased, nll
 from pipeline.predictions import check_against_documents
 from pipeline.schemas import LOGIT_COLUMNS, Predictions, validate
+from pipeline.stages.calibrate import CalibrateOptions
 
 OUT = Path("reports/bench/calibration.json")
 LOW_PARAMETER = ("temperature", "ets", "temperature_platt")

@@ -105,12 +105,12 @@ def run_pair(
 ) -> dict:
     """Train the pretrained and the scratch encoder for one seed; their budgets and hits.
     ``reuse``: the pretrained side is the pipeline's own run (the params' seed only)."""
-    from pipeline.finetune import FinetuneParams
-    from pipeline.finetune import run as finetune
-    from pipeline.model import ModelParams
-    from pipeline.pretrain import PretrainParams
-    from pipeline.pretrain import run as pretrain
-    from pipeline.training import TrainerParams
+    from pipeline.encoder.model import ModelParams
+    from pipeline.encoder.training import TrainerParams
+    from pipeline.stages.finetune import FinetuneParams
+    from pipeline.stages.finetune import run as finetune
+    from pipeline.stages.pretrain import PretrainParams
+    from pipeline.stages.pretrain import run as pretrain
 
     model = ModelParams(**params["model"])
     trainer = TrainerParams(**{**params["trainer"], "progress_bar": False})

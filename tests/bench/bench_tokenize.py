@@ -19,7 +19,7 @@ import pandas as pd
 from datasets import disable_caching
 from tokenizers import Tokenizer
 
-from pipeline.tokenize import IN_TABLE, OUT_TOKENIZER, encode_split
+from pipeline.stages.tokenize import IN_TABLE, OUT_TOKENIZER, encode_split
 
 OUT = Path("reports/bench/tokenize.json")
 

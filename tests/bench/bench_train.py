@@ -24,10 +24,10 @@ import torch
 import yaml
 from torch.utils.data import DataLoader
 
-from pipeline.data import LMCollator, load_splits, load_vocab_size
-from pipeline.model import LanguageModel, ModelParams
-from pipeline.pretrain import PretrainParams
-from pipeline.training import LMModule, TrainerParams, build_trainer, configure_adamw
+from pipeline.encoder.data import LMCollator, load_splits, load_vocab_size
+from pipeline.encoder.model import LanguageModel, ModelParams
+from pipeline.encoder.training import LMModule, TrainerParams, build_trainer, configure_adamw
+from pipeline.stages.pretrain import PretrainParams
 
 ROOT = Path(__file__).resolve().parents[2]
 OUT = Path("reports/bench/train.json")
@@ -45,7 +45,7 @@ def batches(p: ModelParams, n: int, batch_size: int) -> tuple[list[dict], int]:
         return [collate(docs[i * batch_size : (i + 1) * batch_size]) for i in range(n)], vocab
     vocab = 16000
     collate = LMCollator(p.max_len, vocab, seed=0)
-    from pipeline.data import Example
+    from pipeline.encoder.data import Example
 
     gen = torch.Generator().manual_seed(0)
     docs = [

@@ -1,7 +1,7 @@
 """Score a file of texts in batch with the served (pyfunc) model.
 
-    python -m pipeline.predict --input texts.csv --output preds.csv
-    python -m pipeline.predict --model models:/newsgroups-classifier/3 --input posts.jsonl \
+    python -m pipeline.tools.predict --input texts.csv --output preds.csv
+    python -m pipeline.tools.predict --model models:/newsgroups-classifier/3 --input posts.jsonl \
         --output preds.jsonl
 
 ``--model`` is any MLflow model URI (``models:/NAME/VERSION``, ``runs:/...``) or a local

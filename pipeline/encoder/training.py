@@ -4,7 +4,7 @@
   :class:`TrainParams` (optimizer, schedule and budget, the common part of the
   ``pretrain`` and ``finetune`` sections).
 - :class:`LMModule` and :class:`ClassifierModule`, thin LightningModules around the plain
-  torch models of :mod:`pipeline.model`.
+  torch models of :mod:`pipeline.encoder.model`.
 - AdamW with decoupled weight decay on matrices only, optional layer-wise LR decay, and a
   step-based warmup + cosine/linear schedule. The schedule's horizon is the step budget
   (``max_steps``/``max_epochs``), never the wall clock, so a run's LR curve and results do
@@ -40,9 +40,9 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from pipeline.config import Section
+from pipeline.encoder.model import Classifier, LanguageModel, model_inputs
 from pipeline.errors import PipelineError
 from pipeline.io import sha256_file
-from pipeline.model import Classifier, LanguageModel, model_inputs
 
 Precision = Literal["32-true", "bf16-mixed", "16-mixed", "bf16-true", "64-true"]
 Schedule = Literal["cosine", "linear", "constant"]
@@ -223,7 +223,7 @@ class _Base(L.LightningModule):
 
 
 class LMModule(_Base):
-    """Language-model pretraining (masked or causal) of :class:`pipeline.model.LanguageModel`."""
+    """Language-model pretraining (masked or causal) of :class:`.LanguageModel`."""
 
     def __init__(self, model: LanguageModel, run: TrainParams) -> None:
         super().__init__()
@@ -249,7 +249,7 @@ class LMModule(_Base):
 
 
 class ClassifierModule(_Base):
-    """Fine-tuning of :class:`pipeline.model.Classifier` with cross-entropy.
+    """Fine-tuning of :class:`pipeline.encoder.model.Classifier` with cross-entropy.
 
     ``freeze_epochs``: the encoder runs without gradients for the first epochs (only the
     head learns), which protects pretrained features from a random head's first
@@ -621,7 +621,7 @@ def training_stage_main(
     ``<stage>/train_loss``, ``<stage>/val_loss``..., then complete it with the stage's
     final numbers at its last step."""
     from pipeline.config import load_section, load_seed
-    from pipeline.model import ModelParams
+    from pipeline.encoder.model import ModelParams
     from pipeline.tracking import StageRun
 
     model_params = load_section("model", ModelParams)

@@ -7,7 +7,7 @@ contributes a random window of ``model.max_len - 2`` tokens per epoch. ``objecti
 ``clm`` predicts every next token with causal attention. Validation uses fixed windows
 (and masks) so its loss is comparable across steps. Before training, ``embedding_init:
 lsa`` (default) sets the token embedding from a truncated SVD of the train split's TF-IDF
-(:mod:`pipeline.embedding_init`): seconds of CPU that are worth more to the classifier
+(:mod:`pipeline.encoder.embedding_init`): seconds of CPU that are worth more to the classifier
 than the MLM steps this budget affords.
 
 Outputs (all written atomically after training, by global rank 0 only):
@@ -26,17 +26,15 @@ from typing import Any
 import lightning.pytorch as L
 from pydantic import Field
 
-from pipeline.data import (
+from pipeline.encoder.data import (
     DocumentTokens,
     LMCollator,
     TokenizedDataModule,
     load_splits,
     load_vocab_size,
 )
-from pipeline.embedding_init import EmbeddingInit, init_embedding
-from pipeline.errors import run_stage
-from pipeline.io import atomic_outputs, write_json
-from pipeline.model import (
+from pipeline.encoder.embedding_init import EmbeddingInit, init_embedding
+from pipeline.encoder.model import (
     LanguageModel,
     ModelParams,
     Objective,
@@ -45,8 +43,7 @@ from pipeline.model import (
     parameter_counts,
     save_model,
 )
-from pipeline.schemas import GROUPS
-from pipeline.training import (
+from pipeline.encoder.training import (
     EpochSeed,
     LMModule,
     LossCurve,
@@ -60,6 +57,9 @@ from pipeline.training import (
     training_stage_main,
     write_curve,
 )
+from pipeline.errors import run_stage
+from pipeline.io import atomic_outputs, write_json
+from pipeline.schemas import GROUPS
 
 TOKENIZED = Path("data/tokenized")
 TOKENIZER = Path("data/tokenizer/tokenizer.json")

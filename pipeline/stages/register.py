@@ -37,9 +37,9 @@ import pandas as pd
 from pydantic import Field
 
 from pipeline.config import ROOT, Section, load_section
+from pipeline.encoder.model import load_model_files
 from pipeline.errors import PipelineError, run_stage
 from pipeline.io import atomic_outputs, sha256_file, write_json
-from pipeline.model import load_model_files
 from pipeline.predictions import DOCUMENTS
 from pipeline.serving import ServedFiles
 from pipeline.tracking import StageRun

@@ -10,7 +10,7 @@ the table shows metric columns only once they are added with *Columns*), then ru
 that is taken is one ``error:`` line and exit 1 (``mlflow ui`` itself exits 0 there); a
 tracking server (``MLFLOW_TRACKING_URI=http...``) is not served again: its URL is printed.
 
-    python -m pipeline.ui --port 5001
+    python -m pipeline.tools.ui --port 5001
 """
 
 from __future__ import annotations

@@ -2,9 +2,9 @@
 
 CI runs it after ``dvc repro`` and a person can run it the same way (``make gate``)::
 
-    python -m pipeline.gate                              # baseline: main:reports/metrics.json
-    python -m pipeline.gate --baseline v1.2              # any git revision
-    python -m pipeline.gate --baseline old-metrics.json  # or a file
+    python -m pipeline.tools.gate                              # baseline: main:reports/metrics.json
+    python -m pipeline.tools.gate --baseline v1.2              # any git revision
+    python -m pipeline.tools.gate --baseline old-metrics.json  # or a file
 
 Tolerances come from the ``gate`` section of params.yaml (not a dependency of any stage, so
 changing them reruns nothing). It prints one row per model and metric and exits 1 when

@@ -7,7 +7,7 @@ this module to inline them into ``.dvc/plots/page.html`` (UTF-8, no ``{scripts}`
 placeholder, so no CDN tags), then passes the result to ``dvc plots show
 --html-template``. The rendered ``dvc_plots/index.html`` is self-contained.
 
-    python -m pipeline.plot_page --node-modules .tools/node_modules --out .tools/plots.html
+    python -m pipeline.tools.plot_page --node-modules .tools/node_modules --out .tools/plots.html
 """
 
 from __future__ import annotations

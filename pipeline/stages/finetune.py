@@ -3,7 +3,7 @@
 Reads ``data/tokenized`` (train to learn, validation to select, test only to predict),
 ``data/tokenizer/tokenizer.json`` and, with ``finetune.init: pretrained``,
 ``data/models/pretrained/``. Long documents are handled as ``finetune.long_doc`` says
-(see :mod:`pipeline.model`). Early stopping and the choice of the weights to keep
+(see :mod:`pipeline.encoder.model`). Early stopping and the choice of the weights to keep
 look at the validation split only; after training, global rank 0 predicts validation
 and test once, in one process, with the selected weights.
 
@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 from pydantic import Field
 
-from pipeline.data import (
+from pipeline.encoder.data import (
     ClassifyCollator,
     DocumentTokens,
     LongDoc,
@@ -33,9 +33,7 @@ from pipeline.data import (
     load_splits,
     load_vocab_size,
 )
-from pipeline.errors import PipelineError, run_stage
-from pipeline.io import atomic_outputs, write_json
-from pipeline.model import (
+from pipeline.encoder.model import (
     ChunkPooling,
     Classifier,
     ModelParams,
@@ -46,9 +44,7 @@ from pipeline.model import (
     parameter_counts,
     save_model,
 )
-from pipeline.predictions import make_table, split_scores
-from pipeline.schemas import GROUPS, PREDICTION_SPLITS, Predictions, validate
-from pipeline.training import (
+from pipeline.encoder.training import (
     BestWeights,
     ClassifierModule,
     EpochSeed,
@@ -64,6 +60,10 @@ from pipeline.training import (
     training_stage_main,
     write_curve,
 )
+from pipeline.errors import PipelineError, run_stage
+from pipeline.io import atomic_outputs, write_json
+from pipeline.predictions import make_table, split_scores
+from pipeline.schemas import GROUPS, PREDICTION_SPLITS, Predictions, validate
 
 TOKENIZED = Path("data/tokenized")
 TOKENIZER = Path("data/tokenizer/tokenizer.json")

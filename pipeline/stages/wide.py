@@ -48,7 +48,7 @@ class WideParams(Section):
 
 def run(params: WideParams, seed: int, tokenized: Path = TOKENIZED, tokenizer: Path = TOKENIZER):
     """Fit on train, predict validation and test; (model, predictions table, report)."""
-    from pipeline.data import load_splits, load_vocab_size
+    from pipeline.encoder.data import load_splits, load_vocab_size
 
     vocab_size = load_vocab_size(tokenizer)
     splits = load_splits(tokenized, vocab_size, len(GROUPS))

@@ -234,7 +234,7 @@ def split_document(
 
 @dataclass
 class ClassifyCollator:
-    """Documents to chunk batches for :class:`pipeline.model.Classifier`.
+    """Documents to chunk batches for :class:`pipeline.encoder.model.Classifier`.
 
     Returns ``input_ids``/``attention_mask`` (N chunks, T), ``chunk_mask`` (B docs, C),
     True where document b has chunk c (chunks are listed in that row-major order),

@@ -1,0 +1,1 @@
+"""The transformer: model, collation and data module, Lightning training, embedding init."""
