@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from pipeline import paths
 from pipeline.errors import PipelineError
 from pipeline.schemas import (
     LOGIT_COLUMNS,
@@ -26,14 +27,11 @@ from pipeline.schemas import (
     validate,
 )
 
-PRED_DIR = Path("data/predictions")
-PRED_FILE = "predictions.parquet"
-DOCUMENTS = Path("data/raw/documents.parquet")
 MODEL_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
 def predictions_path(model: str) -> Path:
-    return PRED_DIR / model / PRED_FILE
+    return paths.PREDICTIONS / model / paths.PREDICTIONS_FILE
 
 
 def make_table(ids, splits, labels, logits: np.ndarray) -> pd.DataFrame:
@@ -53,7 +51,7 @@ def make_table(ids, splits, labels, logits: np.ndarray) -> pd.DataFrame:
     return pd.concat([head, pd.DataFrame(logits, columns=list(LOGIT_COLUMNS))], axis=1)
 
 
-def read_documents(path: Path = DOCUMENTS) -> pd.DataFrame:
+def read_documents(path: Path = paths.DOCUMENTS) -> pd.DataFrame:
     """The id, split and label columns of the documents table (no text)."""
     if not path.is_file():
         raise PipelineError(f"{path}: not found (run `dvc repro fetch` first)")
@@ -74,7 +72,7 @@ def check_against_documents(pred: pd.DataFrame, docs: pd.DataFrame, where: str) 
             if extra:
                 detail.append(f"{len(extra)} unknown {split} id(s), e.g. {extra[0]!r}")
             raise PipelineError(
-                f"{where}: ids do not match {DOCUMENTS}: {'; '.join(detail)} "
+                f"{where}: ids do not match {paths.DOCUMENTS}: {'; '.join(detail)} "
                 "(predictions made on other data? rerun the model stage)"
             )
         merged = got.merge(want, on="id", suffixes=("", "_true"))
@@ -82,7 +80,7 @@ def check_against_documents(pred: pd.DataFrame, docs: pd.DataFrame, where: str) 
         if len(wrong):
             first = wrong.iloc[0]
             raise PipelineError(
-                f"{where}: {len(wrong)} {split} label(s) differ from {DOCUMENTS}, e.g. "
+                f"{where}: {len(wrong)} {split} label(s) differ from {paths.DOCUMENTS}, e.g. "
                 f"{first['id']!r} has {first['label']} instead of {first['label_true']}"
             )
 

@@ -39,6 +39,7 @@ from pydantic import Field, field_validator, model_validator
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+from pipeline import paths
 from pipeline.config import Section
 from pipeline.encoder.model import Classifier, LanguageModel, model_inputs
 from pipeline.errors import PipelineError
@@ -421,7 +422,6 @@ class EpochSeed(Callback):
 
 # ----------------------------------------------------------------------- checkpoints
 
-CHECKPOINTS = Path(".checkpoints")
 """Resume checkpoints live here, outside every DVC output (DVC deletes a stage's outputs
 before running it) and git-ignored: ``.checkpoints/<stage>/<key>/last.ckpt``."""
 
@@ -435,7 +435,7 @@ def checkpoint_folder(stage: str, params: dict[str, Any], inputs: list[Path]) ->
         for path in files:
             digest.update(str(path.relative_to(root.parent)).encode())
             digest.update(sha256_file(path).encode())
-    return CHECKPOINTS / stage / digest.hexdigest()[:16]
+    return paths.CHECKPOINTS / stage / digest.hexdigest()[:16]
 
 
 class EpochCheckpoint(Callback):

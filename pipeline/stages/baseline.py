@@ -24,16 +24,15 @@ import numpy as np
 import pandas as pd
 from pydantic import Field
 
+from pipeline import paths
 from pipeline.config import Section, load_section, load_seed
 from pipeline.errors import PipelineError, run_stage
 from pipeline.io import atomic_outputs, sha256_file, write_json
-from pipeline.predictions import DOCUMENTS, PRED_DIR, PRED_FILE, make_table
+from pipeline.predictions import make_table
 from pipeline.schemas import GROUPS, PREDICTION_SPLITS, Documents, Predictions, validate
 from pipeline.tracking import StageRun, split_report
 
 MODEL = "baseline"
-OUT_DIR = PRED_DIR / MODEL
-REPORT = "reports/baseline.json"
 
 
 class BaselineParams(Section):
@@ -101,14 +100,14 @@ def main() -> None:
     params = load_section("baseline", BaselineParams)
     seed = load_seed()
     tracking = StageRun("baseline")
-    if not DOCUMENTS.is_file():
-        raise PipelineError(f"{DOCUMENTS}: not found (run `dvc repro fetch` first)")
-    docs = validate(pd.read_parquet(DOCUMENTS), Documents, str(DOCUMENTS))
+    if not paths.DOCUMENTS.is_file():
+        raise PipelineError(f"{paths.DOCUMENTS}: not found (run `dvc repro fetch` first)")
+    docs = validate(pd.read_parquet(paths.DOCUMENTS), Documents, str(paths.DOCUMENTS))
     train = docs[docs["split"] == "train"]
     classes = sorted(set(train["label"]))
     if classes != list(range(len(GROUPS))):
         raise PipelineError(
-            f"{DOCUMENTS}: the train split must hold every one of the {len(GROUPS)} classes "
+            f"{paths.DOCUMENTS}: the train split must hold every one of the {len(GROUPS)} classes "
             f"(it has {len(classes)})"
         )
     start = time.perf_counter()
@@ -124,7 +123,11 @@ def main() -> None:
         part = docs[docs["split"] == split]
         logits = logits_for(vectorizer, model, part["text"].tolist())
         parts.append(make_table(part["id"], part["split"], part["label"], logits))
-    table = validate(pd.concat(parts, ignore_index=True), Predictions, str(OUT_DIR / PRED_FILE))
+    table = validate(
+        pd.concat(parts, ignore_index=True),
+        Predictions,
+        str(paths.predictions_dir(MODEL) / paths.PREDICTIONS_FILE),
+    )
     val = table[table["split"] == "validation"]
     val_pred = val[[f"logit_{j}" for j in range(len(GROUPS))]].to_numpy().argmax(axis=1)
     report = {
@@ -136,20 +139,22 @@ def main() -> None:
         "validation_accuracy": float(np.mean(val_pred == val["label"].to_numpy())),
     }
     with atomic_outputs() as out:
-        table.to_parquet(out.dir(OUT_DIR) / PRED_FILE, index=False)
-        write_json(out.file(REPORT), report)
+        table.to_parquet(
+            out.dir(paths.predictions_dir(MODEL)) / paths.PREDICTIONS_FILE, index=False
+        )
+        write_json(out.file(paths.stage_report(MODEL)), report)
     print(
         f"baseline: {info['features']} features, {info['iterations']} iterations, "
         f"{fit_seconds:.1f}s; validation accuracy {report['validation_accuracy']:.4f} "
-        f"-> {OUT_DIR / PRED_FILE}, {REPORT}"
+        f"-> {paths.predictions_dir(MODEL) / paths.PREDICTIONS_FILE}, {paths.stage_report(MODEL)}"
     )
     metrics, stats = split_report("baseline", report, {"validation_accuracy": "val_accuracy"})
     tracking.finish(
         ["seed", "baseline"],
         metrics=metrics,
         report=stats,
-        artifacts=[REPORT],
-        inputs={"documents": sha256_file(DOCUMENTS)},
+        artifacts=[paths.stage_report(MODEL)],
+        inputs={"documents": sha256_file(paths.DOCUMENTS)},
     )
 
 

@@ -18,19 +18,16 @@ validation accuracy and NLL of every input and of the blend).
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
 from pydantic import Field, field_validator
 
+from pipeline import paths
 from pipeline.config import Section, load_section, load_seed
 from pipeline.errors import PipelineError, run_stage
 from pipeline.io import atomic_outputs, write_json
 from pipeline.predictions import (
     MODEL_NAME,
-    PRED_DIR,
-    PRED_FILE,
     load_predictions,
     make_table,
     read_documents,
@@ -41,10 +38,6 @@ from pipeline.schemas import Predictions, validate
 from pipeline.tracking import StageRun, split_report
 
 MODEL = "blend"
-OUT_MODEL = Path("data/models/blend")
-MODEL_FILE = "blend.json"
-OUT_PREDICTIONS = PRED_DIR / MODEL
-REPORT = Path("reports/blend.json")
 
 
 class BlendParams(Section):
@@ -133,7 +126,7 @@ def run(params: BlendParams, seed: int) -> tuple[dict, pd.DataFrame, dict]:
         ],
         ignore_index=True,
     )
-    table = validate(table, Predictions, str(OUT_PREDICTIONS / PRED_FILE))
+    table = validate(table, Predictions, str(paths.predictions_dir(MODEL) / paths.PREDICTIONS_FILE))
     in_sample = make_table(
         val_ids, ["validation"] * len(val_ids), val_labels, blended(weights, val_parts)
     )
@@ -159,18 +152,26 @@ def main() -> None:
     tracking = StageRun("blend")
     state, table, report = run(params, seed)
     with atomic_outputs() as out:
-        write_json(out.dir(OUT_MODEL) / MODEL_FILE, state)
-        table.to_parquet(out.dir(OUT_PREDICTIONS) / PRED_FILE, index=False)
-        write_json(out.file(REPORT), report)
+        write_json(out.dir(paths.BLEND) / paths.BLEND_FILE.name, state)
+        table.to_parquet(
+            out.dir(paths.predictions_dir(MODEL)) / paths.PREDICTIONS_FILE, index=False
+        )
+        write_json(out.file(paths.stage_report(MODEL)), report)
     weights = " + ".join(f"{w:.3f} x {m}" for m, w in report["weights"].items())
     scores = report["validation"]["blend"]
     print(
         f"blend: {weights}; cross-fitted validation accuracy {scores['accuracy']:.4f}, "
-        f"NLL {scores['nll']:.4f} -> {OUT_MODEL / MODEL_FILE}, {OUT_PREDICTIONS / PRED_FILE}"
+        f"NLL {scores['nll']:.4f} -> {paths.BLEND / paths.BLEND_FILE.name}, "
+        f"{paths.predictions_dir(MODEL) / paths.PREDICTIONS_FILE}"
     )
     headline = {"validation.blend.accuracy": "val_accuracy", "validation.blend.nll": "val_nll"}
     metrics, stats = split_report("blend", report, headline)
-    tracking.finish(["seed", MODEL], metrics=metrics, report=stats, artifacts=[REPORT, OUT_MODEL])
+    tracking.finish(
+        ["seed", MODEL],
+        metrics=metrics,
+        report=stats,
+        artifacts=[paths.stage_report(MODEL), paths.BLEND],
+    )
 
 
 if __name__ == "__main__":

@@ -12,11 +12,11 @@ Outputs: ``data/models/calibrator/<model>.json`` (:meth:`Calibrator.to_dict`) an
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
+from pipeline import paths
 from pipeline.calibration import DEFAULT_METHOD, METHODS, fit_calibrator, select_auto, softmax
 from pipeline.config import Section, load_section, load_seed
 from pipeline.errors import run_stage
@@ -24,9 +24,6 @@ from pipeline.io import atomic_outputs, write_json
 from pipeline.metrics import ece, nll
 from pipeline.predictions import MODEL_NAME, load_predictions, read_documents, split_arrays
 from pipeline.tracking import StageRun, split_report
-
-OUT_DIR = Path("data/models/calibrator")
-REPORT = Path("reports/calibrate.json")
 
 Method = Literal[
     "temperature", "ets", "temperature_platt", "vector", "matrix", "histogram", "isotonic", "none"
@@ -129,11 +126,14 @@ def main() -> None:
             "(in-sample)"
         )
     with atomic_outputs() as out:
-        folder = out.dir(OUT_DIR)
+        folder = out.dir(paths.CALIBRATORS)
         for model, calibrator in calibrators.items():
             write_json(folder / f"{model}.json", calibrator.to_dict())
-        write_json(out.file(REPORT), reports)
-    print(f"calibrate: {len(calibrators)} calibrator(s) -> {OUT_DIR}/, {REPORT}")
+        write_json(out.file(paths.stage_report("calibrate")), reports)
+    print(
+        f"calibrate: {len(calibrators)} calibrator(s) -> {paths.CALIBRATORS}/, "
+        f"{paths.stage_report('calibrate')}"
+    )
     headline = {
         f"{model}.validation_{name}_after": f"{model}/val_{name}"
         for model in reports
@@ -141,7 +141,10 @@ def main() -> None:
     }
     metrics, stats = split_report("calibrate", reports, headline)
     tracking.finish(
-        ["seed", "calibrate"], metrics=metrics, report=stats, artifacts=[REPORT, OUT_DIR]
+        ["seed", "calibrate"],
+        metrics=metrics,
+        report=stats,
+        artifacts=[paths.stage_report("calibrate"), paths.CALIBRATORS],
     )
 
 

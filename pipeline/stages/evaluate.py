@@ -40,14 +40,13 @@ import numpy as np
 import pandas as pd
 from pydantic import Field
 
-from pipeline import plots
+from pipeline import paths, plots
 from pipeline.calibration import Calibrator, softmax
 from pipeline.config import Section, load_section, load_seed
 from pipeline.errors import PipelineError, run_stage
 from pipeline.io import atomic_outputs, write_json
 from pipeline.metrics import N_BINS, summarize
 from pipeline.predictions import (
-    DOCUMENTS,
     load_predictions,
     read_documents,
     split_arrays,
@@ -56,12 +55,6 @@ from pipeline.predictions import (
 from pipeline.schemas import GROUPS, MetricsRow, validate
 from pipeline.tracking import StageRun
 
-CALIBRATORS = Path("data/models/calibrator")
-METRICS = Path("reports/metrics.json")
-DETAIL = Path("reports/metrics_detail.json")
-PLOTS = Path("reports/plots")
-FIGURES = Path("reports/figures")
-REPORT = Path("reports/report.md")
 VARIANTS = ("uncalibrated", "calibrated")
 HEADLINE = ("accuracy", "macro_f1", "nll", "brier", "ece", "ece_debiased")
 """The numbers of ``reports/metrics.json``; the rest of a summary goes to the detail file."""
@@ -100,7 +93,7 @@ class EvaluateParams(Section):
     curve_points: int = Field(default=100, ge=2)
 
 
-def load_calibrators(folder: Path = CALIBRATORS) -> dict[str, Calibrator]:
+def load_calibrators(folder: Path = paths.CALIBRATORS) -> dict[str, Calibrator]:
     """Every ``<model>.json`` calibrator in ``folder``, by model name, sorted."""
     if not folder.is_dir():
         raise PipelineError(f"{folder}: not found (run `dvc repro calibrate` first)")
@@ -251,7 +244,7 @@ def disagreements(
     ]
 
 
-def read_subjects(ids: set[str], path: Path = DOCUMENTS) -> dict[str, str]:
+def read_subjects(ids: set[str], path: Path = paths.DOCUMENTS) -> dict[str, str]:
     """``id -> Subject`` for the documents the error analysis shows."""
     docs = pd.read_parquet(path, columns=["id", "text"])
     docs = docs[docs["id"].isin(ids)]
@@ -440,7 +433,7 @@ def main() -> None:
     rows = []
     ids = labels = None
     with atomic_outputs() as out:
-        plot_dir, figure_dir = out.dir(PLOTS), out.dir(FIGURES)
+        plot_dir, figure_dir = out.dir(paths.PLOTS), out.dir(paths.FIGURES)
         for model, calibrator in calibrators.items():
             preds = load_predictions(model, docs)
             ids, logits, labels = split_arrays(preds, "test")
@@ -461,7 +454,7 @@ def main() -> None:
                 f"{summary['uncalibrated']['ece']:.4f} -> {summary['calibrated']['ece']:.4f} "
                 f"({calibrator.method})"
             )
-        validate(pd.DataFrame(rows), MetricsRow, str(METRICS))
+        validate(pd.DataFrame(rows), MetricsRow, str(paths.METRICS))
         # All models are scored on the same test documents (sorted by id), so one plot fits.
         plots.risk_coverage_plot(test_probs, labels, figure_dir / "risk_coverage.png")
         focus = error_model(metrics, models)
@@ -472,22 +465,25 @@ def main() -> None:
         }
         shown = {r["id"] for r in errors["mistakes"]} | {r["id"] for r in errors["disagreements"]}
         errors["subjects"] = read_subjects(shown)
-        write_json(out.file(METRICS), metrics)
-        write_json(out.file(DETAIL), detail)
+        write_json(out.file(paths.METRICS), metrics)
+        write_json(out.file(paths.METRICS_DETAIL), detail)
         report = render_report(metrics, detail, methods, models, params.bootstrap, errors)
-        Path(out.file(REPORT)).write_text(report, encoding="utf-8")
-    print(f"evaluate: {len(calibrators)} model(s) -> {METRICS}, {REPORT}, {FIGURES}/")
+        Path(out.file(paths.REPORT_MD)).write_text(report, encoding="utf-8")
+    print(
+        f"evaluate: {len(calibrators)} model(s) -> {paths.METRICS}, {paths.REPORT_MD}, "
+        f"{paths.FIGURES}/"
+    )
     for model in models:  # one row per model in the MLflow runs table
         calibrated = metrics[model]["calibrated"]
         with tempfile.TemporaryDirectory() as tmp:
             # The report as it renders in MLflow: this model's figures, at the paths it links.
-            report_file, figures = Path(tmp) / REPORT.name, Path(tmp) / FIGURES.name
+            report_file, figures = Path(tmp) / paths.REPORT_MD.name, Path(tmp) / paths.FIGURES.name
             text = render_report(
                 metrics, detail, methods, models, params.bootstrap, errors, figure_models=[model]
             )
             report_file.write_text(text, encoding="utf-8")
-            shutil.copytree(FIGURES / model, figures / model)
-            shutil.copy2(FIGURES / "risk_coverage.png", figures / "risk_coverage.png")
+            shutil.copytree(paths.FIGURES / model, figures / model)
+            shutil.copy2(paths.FIGURES / "risk_coverage.png", figures / "risk_coverage.png")
             page = Path(tmp) / "report.html"
             page.write_text(report_html(text, Path(tmp)), encoding="utf-8")
             tracking.finish(
@@ -495,7 +491,7 @@ def main() -> None:
                 metrics={name: calibrated[key] for key, name in MLFLOW_METRICS.items()},
                 report={"test_documents": detail[model]["calibrated"]["n"]},
                 tags={"calibration": methods[model]},
-                artifacts=[report_file, page, METRICS, DETAIL, figures],
+                artifacts=[report_file, page, paths.METRICS, paths.METRICS_DETAIL, figures],
                 model=model,
             )
 

@@ -36,15 +36,13 @@ import pandas as pd
 from pydantic import Field
 from tqdm import tqdm
 
+from pipeline import paths
 from pipeline.config import Section, load_section, load_seed
 from pipeline.errors import PipelineError, run_stage
 from pipeline.io import atomic_outputs, digest_strings, sha256_file, write_json
 from pipeline.schemas import FULL_SPLIT_SIZES, GROUPS, SPLITS, Documents, validate
 from pipeline.tracking import StageRun, split_report
 
-OUT_DIR = Path("data/raw")
-OUT_TABLE = "documents.parquet"
-REPORT = Path("reports/data.json")
 ENV_ARCHIVE = "NEWSGROUPS_ARCHIVE"
 ENV_SHA256 = "NEWSGROUPS_ARCHIVE_SHA256"
 # Archives known to hold the complete bydate data set (same documents, different packing).
@@ -519,7 +517,7 @@ def build_table(
     df = df.reset_index(drop=True)
     df = split_validation(df, df["_thread"], df["_author"], params, seed)
     df = order_rows(subsample(df, params.max_docs_per_class, seed))
-    where = f"{OUT_DIR / OUT_TABLE}"
+    where = f"{paths.RAW / paths.DOCUMENTS.name}"
     check_groups(df, ("train", "test"), where)  # `remove` could have emptied a group
     unit = "2 threads" if params.validation == "thread" else "2 posts"
     hint = (
@@ -583,15 +581,21 @@ def main() -> None:
     validate(raw, Documents, f"{source.path}", FULL_SPLIT_SIZES if full else None)
     check_groups(raw, ("train", "test"), f"{source.path}")
     df, keys, dropped = build_table(raw, params, seed)
-    validate(df, Documents, str(OUT_DIR / OUT_TABLE))
+    validate(df, Documents, str(paths.RAW / paths.DOCUMENTS.name))
     report = make_report(df, keys, raw, archive_sha256, params, dropped)
     with atomic_outputs() as out:
-        df.to_parquet(out.dir(OUT_DIR) / OUT_TABLE, index=False)
-        write_json(out.file(REPORT), report)
-    print(f"fetch: {report['documents']} -> {OUT_DIR / OUT_TABLE}, {REPORT}")
+        df.to_parquet(out.dir(paths.RAW) / paths.DOCUMENTS.name, index=False)
+        write_json(out.file(paths.stage_report("data")), report)
+    print(
+        f"fetch: {report['documents']} -> {paths.RAW / paths.DOCUMENTS.name}, "
+        f"{paths.stage_report('data')}"
+    )
     _, stats = split_report("fetch", report, {}, skip=("per_class",))
     tracking.finish(
-        ["seed", "data"], report=stats, artifacts=[REPORT], inputs={"archive": archive_sha256}
+        ["seed", "data"],
+        report=stats,
+        artifacts=[paths.stage_report("data")],
+        inputs={"archive": archive_sha256},
     )
 
 

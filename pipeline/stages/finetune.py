@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 from pydantic import Field
 
+from pipeline import paths
 from pipeline.encoder.data import (
     ClassifyCollator,
     DocumentTokens,
@@ -65,14 +66,6 @@ from pipeline.io import atomic_outputs, write_json
 from pipeline.predictions import make_table, split_scores
 from pipeline.schemas import GROUPS, PREDICTION_SPLITS, Predictions, validate
 
-TOKENIZED = Path("data/tokenized")
-TOKENIZER = Path("data/tokenizer/tokenizer.json")
-PRETRAINED = Path("data/models/pretrained")
-OUT_MODEL = Path("data/models/classifier")
-OUT_PREDICTIONS = Path("data/predictions/transformer")
-PREDICTIONS_FILE = "predictions.parquet"
-REPORT = Path("reports/finetune.json")
-CURVES = Path("reports/finetune")
 N_CLASSES = len(GROUPS)
 
 
@@ -149,13 +142,13 @@ def run(
     trainer_params: TrainerParams,
     seed: int,
     *,
-    tokenized: Path = TOKENIZED,
-    tokenizer: Path = TOKENIZER,
-    pretrained: Path = PRETRAINED,
-    out_model: Path = OUT_MODEL,
-    out_predictions: Path = OUT_PREDICTIONS,
-    report: Path = REPORT,
-    curves: Path = CURVES,
+    tokenized: Path = paths.TOKENIZED,
+    tokenizer: Path = paths.TOKENIZER,
+    pretrained: Path = paths.PRETRAINED,
+    out_model: Path = paths.CLASSIFIER,
+    out_predictions: Path = paths.predictions_dir("transformer"),
+    report: Path = paths.stage_report("finetune"),
+    curves: Path = paths.curves_dir("finetune"),
     checkpoints: Path | None = None,
     **trainer_overrides: Any,
 ) -> dict[str, Any] | None:
@@ -243,7 +236,7 @@ def run(
             head_fraction=params.head_fraction,
         )
         save_model(model, out.dir(out_model), config)
-        table.to_parquet(out.dir(out_predictions) / PREDICTIONS_FILE, index=False)
+        table.to_parquet(out.dir(out_predictions) / paths.PREDICTIONS_FILE, index=False)
         curve_dir = out.dir(curves)
         write_curve(curve_dir / "train.csv", curve.train)
         write_curve(curve_dir / "validation.csv", curve.val)
@@ -252,15 +245,26 @@ def run(
     say(
         f"finetune: validation accuracy {result['validation_accuracy']:.4f}, NLL "
         f"{result['validation_nll']:.4f} (weights of step {result['selected_step']}); weights in "
-        f"{out_model}/, logits in {out_predictions / PREDICTIONS_FILE}, metrics in {report}, "
+        f"{out_model}/, logits in {out_predictions / paths.PREDICTIONS_FILE}, metrics in {report}, "
         f"curves in {curves}/"
     )
     return result
 
 
 def main() -> None:
-    inputs = [TOKENIZED, TOKENIZER, PRETRAINED]  # the pretrained encoder only when it is used
-    training_stage_main("finetune", FinetuneParams, run, REPORT, CURVES, inputs)
+    inputs = [
+        paths.TOKENIZED,
+        paths.TOKENIZER,
+        paths.PRETRAINED,
+    ]  # the pretrained encoder only when it is used
+    training_stage_main(
+        "finetune",
+        FinetuneParams,
+        run,
+        paths.stage_report("finetune"),
+        paths.curves_dir("finetune"),
+        inputs,
+    )
 
 
 if __name__ == "__main__":

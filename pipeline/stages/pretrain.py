@@ -26,6 +26,7 @@ from typing import Any
 import lightning.pytorch as L
 from pydantic import Field
 
+from pipeline import paths
 from pipeline.encoder.data import (
     DocumentTokens,
     LMCollator,
@@ -60,12 +61,6 @@ from pipeline.encoder.training import (
 from pipeline.errors import run_stage
 from pipeline.io import atomic_outputs, write_json
 from pipeline.schemas import GROUPS
-
-TOKENIZED = Path("data/tokenized")
-TOKENIZER = Path("data/tokenizer/tokenizer.json")
-OUT_MODEL = Path("data/models/pretrained")
-REPORT = Path("reports/pretrain.json")
-CURVES = Path("reports/pretrain")
 
 
 class PretrainParams(TrainParams):
@@ -110,11 +105,11 @@ def run(
     trainer_params: TrainerParams,
     seed: int,
     *,
-    tokenized: Path = TOKENIZED,
-    tokenizer: Path = TOKENIZER,
-    out_model: Path = OUT_MODEL,
-    report: Path = REPORT,
-    curves: Path = CURVES,
+    tokenized: Path = paths.TOKENIZED,
+    tokenizer: Path = paths.TOKENIZER,
+    out_model: Path = paths.PRETRAINED,
+    report: Path = paths.stage_report("pretrain"),
+    curves: Path = paths.curves_dir("pretrain"),
     checkpoints: Path | None = None,
     **trainer_overrides: Any,
 ) -> dict[str, Any] | None:
@@ -190,7 +185,14 @@ def run(
 
 
 def main() -> None:
-    training_stage_main("pretrain", PretrainParams, run, REPORT, CURVES, [TOKENIZED, TOKENIZER])
+    training_stage_main(
+        "pretrain",
+        PretrainParams,
+        run,
+        paths.stage_report("pretrain"),
+        paths.curves_dir("pretrain"),
+        [paths.TOKENIZED, paths.TOKENIZER],
+    )
 
 
 if __name__ == "__main__":

@@ -36,23 +36,21 @@ from typing import Any
 import pandas as pd
 from pydantic import Field
 
+from pipeline import paths
 from pipeline.config import ROOT, Section, load_section
 from pipeline.encoder.model import load_model_files
 from pipeline.errors import PipelineError, run_stage
 from pipeline.io import atomic_outputs, sha256_file, write_json
-from pipeline.predictions import DOCUMENTS
 from pipeline.serving import ServedFiles
 from pipeline.tracking import StageRun
 
 FILES = ServedFiles(
-    tokenizer=Path("data/tokenizer/tokenizer.json"),
-    classifier=Path("data/models/classifier"),
-    wide=Path("data/models/wide"),
-    blend=Path("data/models/blend/blend.json"),
-    calibrator=Path("data/models/calibrator/blend.json"),
+    tokenizer=paths.TOKENIZER,
+    classifier=paths.CLASSIFIER,
+    wide=paths.WIDE,
+    blend=paths.BLEND_FILE,
+    calibrator=paths.calibrator_file("blend"),
 )
-REPORT = Path("reports/register.json")
-METRICS = Path("reports/metrics.json")
 SERVED = "blend"  # the model of reports/metrics.json this stage serves
 LOCK_FILE = ROOT / "requirements.lock"
 ARTIFACT_NAME = "model"
@@ -92,7 +90,7 @@ def registered_name(params: RegisterParams, config: str) -> str:
     return params.model_name if params.production else f"{params.model_name}-{config}"
 
 
-def served_metrics(path: Path = METRICS) -> dict[str, float]:
+def served_metrics(path: Path = paths.METRICS) -> dict[str, float]:
     """The served model's test numbers: the calibrated blend of ``reports/metrics.json``."""
     import json
 
@@ -167,9 +165,9 @@ def check_inputs(files: ServedFiles) -> dict[str, Any]:
 
 def sample_texts(n: int = THROUGHPUT_DOCS) -> list[str]:
     """The first ``n`` test posts by id, to time the served model on real input."""
-    if not DOCUMENTS.is_file():
-        raise PipelineError(f"{DOCUMENTS}: not found (run `dvc repro fetch` first)")
-    docs = pd.read_parquet(DOCUMENTS, columns=["id", "split", "text"])
+    if not paths.DOCUMENTS.is_file():
+        raise PipelineError(f"{paths.DOCUMENTS}: not found (run `dvc repro fetch` first)")
+    docs = pd.read_parquet(paths.DOCUMENTS, columns=["id", "split", "text"])
     return docs[docs["split"] == "test"].sort_values("id")["text"].head(n).tolist()
 
 
@@ -351,7 +349,7 @@ def main() -> None:
         report = {"registered": True, **log_and_register(tracking, params)}
         inputs = report.pop("inputs")  # digests: tags of the run, not part of the report
     with atomic_outputs() as out:
-        write_json(out.file(REPORT), report)
+        write_json(out.file(paths.stage_report("register")), report)
     if report["registered"]:
         tracking.finish(
             ["register"],
@@ -359,7 +357,7 @@ def main() -> None:
                 **{k: report[k] for k in ("model_name", "version", "alias")},
                 "throughput_documents": report["served"]["throughput_documents"],
             },
-            artifacts=[REPORT],
+            artifacts=[paths.stage_report("register")],
             inputs=inputs,
         )
         served = report["served"]
@@ -370,7 +368,10 @@ def main() -> None:
             f"with: mlflow models serve -m {report['alias_uri']} --env-manager local"
         )
     else:
-        print(f"register: tracking disabled, nothing registered; wrote {REPORT}")
+        print(
+            "register: tracking disabled, nothing registered; wrote "
+            f"{paths.stage_report('register')}"
+        )
 
 
 if __name__ == "__main__":

@@ -16,23 +16,19 @@ from __future__ import annotations
 
 import os
 import sys
-from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import pandas as pd
 from pydantic import Field
 
+from pipeline import paths
 from pipeline.config import Section, load_section
 from pipeline.errors import PipelineError, run_stage
 from pipeline.io import atomic_outputs, digest_strings, sha256_file, write_json
 from pipeline.schemas import SPLITS, Documents, TokenizedSplit, validate
 from pipeline.tracking import StageRun
 
-IN_TABLE = Path("data/raw/documents.parquet")
-OUT_TOKENIZER = Path("data/tokenizer")
-OUT_DATA = Path("data/tokenized")
-REPORT = Path("reports/tokenize.json")
 # Fixed ids: the model stages and the served model depend on them.
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 PAD_ID, UNK_ID, CLS_ID, SEP_ID, MASK_ID = range(len(SPECIAL_TOKENS))
@@ -160,12 +156,12 @@ def main() -> None:
     disable_caching()  # artifacts go to data/ via save_to_disk, not to the HF cache
     params = load_section("tokenizer", TokenizerParams)
     tracking = StageRun("tokenize")
-    if not IN_TABLE.is_file():
-        raise PipelineError(f"{IN_TABLE}: not found (run `dvc repro fetch` first)")
-    docs = validate(pd.read_parquet(IN_TABLE), Documents, str(IN_TABLE))
+    if not paths.DOCUMENTS.is_file():
+        raise PipelineError(f"{paths.DOCUMENTS}: not found (run `dvc repro fetch` first)")
+    docs = validate(pd.read_parquet(paths.DOCUMENTS), Documents, str(paths.DOCUMENTS))
     train_texts = docs.loc[docs["split"] == "train", "text"].tolist()
     if not train_texts:
-        raise PipelineError(f"{IN_TABLE}: the train split is empty")
+        raise PipelineError(f"{paths.DOCUMENTS}: the train split is empty")
     if params.kind == "wordpiece":
         print(
             "tokenize: warning: WordPiece training is not deterministic in `tokenizers` "
@@ -183,7 +179,7 @@ def main() -> None:
         validate(
             splits[split].select_columns(["id", "label", "length"]).to_pandas(),
             TokenizedSplit,
-            f"{OUT_DATA}/{split}",
+            f"{paths.TOKENIZED}/{split}",
         )
     report = {
         "kind": params.kind,
@@ -193,19 +189,20 @@ def main() -> None:
         "splits": {name: split_stats(ds, vocab_size) for name, ds in splits.items()},
     }
     with atomic_outputs() as out:
-        tokenizer.save(str(out.dir(OUT_TOKENIZER) / "tokenizer.json"))
-        DatasetDict(splits).save_to_disk(str(out.dir(OUT_DATA)))
-        write_json(out.file(REPORT), report)
+        tokenizer.save(str(out.dir(paths.TOKENIZER_DIR) / "tokenizer.json"))
+        DatasetDict(splits).save_to_disk(str(out.dir(paths.TOKENIZED)))
+        write_json(out.file(paths.stage_report("tokenize")), report)
     train = report["splits"]["train"]
     print(
         f"tokenize: vocab {vocab_size}, train {train['tokens']} tokens "
-        f"(mean {train['mean_length']}/doc) -> {OUT_TOKENIZER}, {OUT_DATA}, {REPORT}"
+        f"(mean {train['mean_length']}/doc) -> {paths.TOKENIZER_DIR}, {paths.TOKENIZED}, "
+        f"{paths.stage_report('tokenize')}"
     )
-    inputs = {"documents": sha256_file(IN_TABLE)}
+    inputs = {"documents": sha256_file(paths.DOCUMENTS)}
     tracking.finish(
         ["tokenizer"],
         report=report,
-        artifacts=[REPORT, OUT_TOKENIZER / "tokenizer.json"],
+        artifacts=[paths.stage_report("tokenize"), paths.TOKENIZER_DIR / "tokenizer.json"],
         inputs=inputs,
     )
 

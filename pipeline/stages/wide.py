@@ -21,20 +21,16 @@ from pathlib import Path
 import pandas as pd
 from pydantic import Field
 
+from pipeline import paths
 from pipeline.bag import WideModel
 from pipeline.config import Section, load_section, load_seed
 from pipeline.errors import run_stage
 from pipeline.io import atomic_outputs, write_json
-from pipeline.predictions import PRED_DIR, PRED_FILE, make_table, split_scores
+from pipeline.predictions import make_table, split_scores
 from pipeline.schemas import GROUPS, PREDICTION_SPLITS, Predictions, validate
 from pipeline.tracking import StageRun, split_report
 
 MODEL = "wide"
-TOKENIZED = Path("data/tokenized")
-TOKENIZER = Path("data/tokenizer/tokenizer.json")
-OUT_MODEL = Path("data/models/wide")
-OUT_PREDICTIONS = PRED_DIR / MODEL
-REPORT = Path("reports/wide.json")
 
 
 class WideParams(Section):
@@ -46,7 +42,12 @@ class WideParams(Section):
     max_iter: int = Field(default=1000, ge=1)  # liblinear iterations
 
 
-def run(params: WideParams, seed: int, tokenized: Path = TOKENIZED, tokenizer: Path = TOKENIZER):
+def run(
+    params: WideParams,
+    seed: int,
+    tokenized: Path = paths.TOKENIZED,
+    tokenizer: Path = paths.TOKENIZER,
+):
     """Fit on train, predict validation and test; (model, predictions table, report)."""
     from pipeline.encoder.data import load_splits, load_vocab_size
 
@@ -92,17 +93,22 @@ def main() -> None:
     if not report["converged"]:
         print(f"wide: warning: LinearSVC did not converge in max_iter={params.max_iter}")
     with atomic_outputs() as out:
-        model.save(out.dir(OUT_MODEL))
-        table.to_parquet(out.dir(OUT_PREDICTIONS) / PRED_FILE, index=False)
-        write_json(out.file(REPORT), report)
+        model.save(out.dir(paths.WIDE))
+        table.to_parquet(
+            out.dir(paths.predictions_dir(MODEL)) / paths.PREDICTIONS_FILE, index=False
+        )
+        write_json(out.file(paths.stage_report(MODEL)), report)
     print(
         f"wide: {report['features_seen_in_train']} features seen in train, "
         f"{report['fit_seconds']:.1f}s; validation accuracy {report['validation_accuracy']:.4f}"
-        f" -> {OUT_MODEL}, {OUT_PREDICTIONS / PRED_FILE}, {REPORT}"
+        f" -> {paths.WIDE}, {paths.predictions_dir(MODEL) / paths.PREDICTIONS_FILE}, "
+        f"{paths.stage_report(MODEL)}"
     )
     headline = {"validation_accuracy": "val_accuracy", "validation_nll": "val_nll"}
     metrics, stats = split_report("wide", report, headline)
-    tracking.finish(["seed", MODEL], metrics=metrics, report=stats, artifacts=[REPORT])
+    tracking.finish(
+        ["seed", MODEL], metrics=metrics, report=stats, artifacts=[paths.stage_report(MODEL)]
+    )
 
 
 if __name__ == "__main__":

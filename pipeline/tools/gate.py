@@ -25,10 +25,10 @@ from typing import Any, Literal
 
 from pydantic import Field
 
+from pipeline import paths
 from pipeline.config import PARAMS_FILE, Section, load_section
 from pipeline.errors import PipelineError, run_stage
 
-METRICS_FILE = Path("reports/metrics.json")
 DEFAULT_BASELINE = "main"
 # Float noise (e.g. 0.85 - 0.84 = 0.010000000000000009) must not fail a change equal to
 # its tolerance.
@@ -194,7 +194,7 @@ def read_baseline(spec: str) -> tuple[dict[str, Any], str]:
     """A file path if one exists, else a git revision holding the committed metrics file."""
     if Path(spec).is_file():
         return read_file(Path(spec)), spec
-    name = spec if ":" in spec else f"{spec}:{METRICS_FILE.as_posix()}"
+    name = spec if ":" in spec else f"{spec}:{paths.METRICS.as_posix()}"
     proc = subprocess.run(["git", "show", name], capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         reason = (proc.stderr.strip().splitlines() or ["git show failed"])[-1]
@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         default=DEFAULT_BASELINE,
         help="metrics file, git revision (its reports/metrics.json) or REV:PATH; default main",
     )
-    parser.add_argument("--current", type=Path, default=METRICS_FILE)
+    parser.add_argument("--current", type=Path, default=paths.METRICS)
     parser.add_argument("--params", type=Path, default=PARAMS_FILE, help="tolerances (gate:)")
     parser.add_argument("--summary", type=Path, help="also append a Markdown table to this file")
     args = parser.parse_args(argv)

@@ -23,11 +23,11 @@ from pathlib import Path
 
 import pandas as pd
 
+from pipeline import paths
 from pipeline.errors import PipelineError, run_stage
 from pipeline.io import atomic_outputs
 from pipeline.serving import TEXT_COLUMN, validate_texts
 
-REGISTER_REPORT = Path("reports/register.json")
 INPUT_SUFFIXES = (".csv", ".jsonl", ".txt")
 OUTPUT_SUFFIXES = (".csv", ".jsonl")
 
@@ -60,13 +60,16 @@ def read_texts(path: Path, column: str = TEXT_COLUMN) -> pd.DataFrame:
 def default_model() -> str:
     """The model the last ``register`` run registered."""
     try:
-        report = json.loads(REGISTER_REPORT.read_text(encoding="utf-8"))
+        report = json.loads(paths.stage_report("register").read_text(encoding="utf-8"))
     except (FileNotFoundError, json.JSONDecodeError):
         raise PipelineError(
-            f"no --model given and no usable {REGISTER_REPORT} (run the register stage)"
+            f"no --model given and no usable {paths.stage_report('register')} (run the "
+            "register stage)"
         ) from None
     if not report.get("model_uri"):
-        raise PipelineError(f"{REGISTER_REPORT}: no model was registered (tracking disabled?)")
+        raise PipelineError(
+            f"{paths.stage_report('register')}: no model was registered (tracking disabled?)"
+        )
     return report["model_uri"]
 
 
