@@ -40,7 +40,7 @@ from sklearn.isotonic import IsotonicRegression
 from sklearn.model_selection import StratifiedKFold
 
 from pipeline.errors import PipelineError
-from pipeline.metrics import nll, torch_single_thread
+from pipeline.metrics import bin_index, nll, torch_single_thread
 
 METHODS: tuple[str, ...] = (
     "temperature",
@@ -124,6 +124,13 @@ def _lbfgs(params: list[torch.Tensor], loss_fn: Callable[[], torch.Tensor], max_
             raise PipelineError("calibrator fit diverged (non-finite parameters)")
 
 
+def _as_tensors(logits: np.ndarray, labels: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """Checked float64 logits and int64 labels as tensors, for the L-BFGS fits."""
+    logits = _check_logits(logits)
+    labels = _check_labels(labels, *logits.shape)
+    return torch.from_numpy(logits), torch.from_numpy(labels)
+
+
 def _as_array(state: Mapping[str, Any], key: str, shape: tuple[int, ...]) -> np.ndarray:
     try:
         value = np.asarray(state[key], dtype=np.float64)
@@ -145,7 +152,8 @@ class Calibrator(ABC):
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        Calibrator.registry[cls.method] = cls
+        if "method" in vars(cls):  # shared bases such as _AffineScaling register nothing
+            Calibrator.registry[cls.method] = cls
 
     @classmethod
     @abstractmethod
@@ -225,12 +233,10 @@ class TemperatureScaling(Calibrator):
         cls, logits: np.ndarray, labels: np.ndarray, seed: int, max_iter: int = 100
     ) -> TemperatureScaling:
         """Minimise validation NLL over ``log T`` (keeps ``T > 0`` without constraints)."""
-        logits = _check_logits(logits)
-        labels = _check_labels(labels, *logits.shape)
-        z, y = torch.from_numpy(logits), torch.from_numpy(labels)
+        z, y = _as_tensors(logits, labels)
         log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
         _lbfgs([log_t], lambda: F.cross_entropy(z / log_t.exp(), y), max_iter)
-        return cls(logits.shape[1], float(log_t.detach().exp()))
+        return cls(z.shape[1], float(log_t.detach().exp()))
 
     def _predict(self, logits: np.ndarray) -> np.ndarray:
         return softmax(logits / self.temperature)
@@ -276,10 +282,8 @@ class EnsembleTemperatureScaling(Calibrator):
     def fit(
         cls, logits: np.ndarray, labels: np.ndarray, seed: int, max_iter: int = 200
     ) -> EnsembleTemperatureScaling:
-        logits = _check_logits(logits)
-        labels = _check_labels(labels, *logits.shape)
-        k = logits.shape[1]
-        z, y = torch.from_numpy(logits), torch.from_numpy(labels)
+        z, y = _as_tensors(logits, labels)
+        k = z.shape[1]
         t0 = _fit_temperature(logits, labels, max_iter)
         log_t = torch.tensor(np.log(t0), dtype=torch.float64, requires_grad=True)
         start = np.log([0.9, 0.05, 0.05])
@@ -363,10 +367,8 @@ class TemperaturePlatt(Calibrator):
     def fit(
         cls, logits: np.ndarray, labels: np.ndarray, seed: int, max_iter: int = 200
     ) -> TemperaturePlatt:
-        logits = _check_logits(logits)
-        labels = _check_labels(labels, *logits.shape)
-        k = logits.shape[1]
-        z, y = torch.from_numpy(logits), torch.from_numpy(labels)
+        z, y = _as_tensors(logits, labels)
+        k = z.shape[1]
         top = z.argmax(dim=1)
         is_top = F.one_hot(top, k).bool()
         hit = y == top
@@ -409,65 +411,32 @@ class TemperaturePlatt(Calibrator):
 
 
 @dataclass(eq=False)
-class VectorScaling(Calibrator):
-    """``softmax(z * w + b)``: per-class scale and bias (Guo et al. 2017).
-
-    A small L2 penalty toward ``w = 1, b = 0`` keeps the bias of a class missing from the
-    validation split from running off to minus infinity.
-    """
-
-    method: ClassVar[str] = "vector"
-    num_classes: int
-    weight: np.ndarray
-    bias: np.ndarray
-
-    @classmethod
-    def fit(
-        cls,
-        logits: np.ndarray,
-        labels: np.ndarray,
-        seed: int,
-        reg: float = 1e-3,
-        max_iter: int = 200,
-    ) -> VectorScaling:
-        logits = _check_logits(logits)
-        labels = _check_labels(labels, *logits.shape)
-        k = logits.shape[1]
-        z, y = torch.from_numpy(logits), torch.from_numpy(labels)
-        w = torch.ones(k, dtype=torch.float64, requires_grad=True)
-        b = torch.zeros(k, dtype=torch.float64, requires_grad=True)
-
-        def loss() -> torch.Tensor:
-            penalty = ((w - 1) ** 2).sum() + (b**2).sum()
-            return F.cross_entropy(z * w + b, y) + reg * penalty
-
-        _lbfgs([w, b], loss, max_iter)
-        return cls(k, w.detach().numpy().copy(), b.detach().numpy().copy())
-
-    def _predict(self, logits: np.ndarray) -> np.ndarray:
-        return softmax(logits * self.weight + self.bias)
-
-    def _state(self) -> dict[str, Any]:
-        return {"weight": self.weight.tolist(), "bias": self.bias.tolist()}
-
-    @classmethod
-    def _from_state(cls, state: Mapping[str, Any], k: int) -> VectorScaling:
-        return cls(k, _as_array(state, "weight", (k,)), _as_array(state, "bias", (k,)))
-
-
-@dataclass(eq=False)
-class MatrixScaling(Calibrator):
-    """``softmax(z @ W.T + b)``, L2-regularised toward the identity map.
+class _AffineScaling(Calibrator):
+    """``softmax(affine(z))`` fitted by NLL with an L2 pull toward the identity map.
 
     The penalty ``reg * (||W - I||^2 + ||b||^2)`` shrinks toward "no change" rather than
-    toward zero (which would mean uniform predictions); without it the k^2 + k parameters
-    overfit a validation split of a few thousand rows.
+    toward zero (which would mean uniform predictions); without it the parameters overfit a
+    validation split of a few thousand rows, and the bias of a class missing from the split
+    would run off to minus infinity. Subclasses say what ``W`` is.
     """
 
-    method: ClassVar[str] = "matrix"
+    reg: ClassVar[float]
+    max_iter: ClassVar[int]
     num_classes: int
     weight: np.ndarray
     bias: np.ndarray
+
+    full: ClassVar[bool]  # a k x k matrix W, else a vector w (``z * w``)
+
+    @classmethod
+    def _identity(cls, k: int) -> torch.Tensor:
+        """The weight that leaves the logits unchanged (its shape is the weight's)."""
+        return torch.eye(k, dtype=torch.float64) if cls.full else torch.ones(k, dtype=torch.float64)
+
+    @classmethod
+    def _apply(cls, z: Any, weight: Any) -> Any:
+        """``z`` mapped by ``weight`` (tensors while fitting, arrays when predicting)."""
+        return z @ weight.T if cls.full else z * weight
 
     @classmethod
     def fit(
@@ -475,38 +444,45 @@ class MatrixScaling(Calibrator):
         logits: np.ndarray,
         labels: np.ndarray,
         seed: int,
-        reg: float = 1e-2,
-        max_iter: int = 500,
-    ) -> MatrixScaling:
-        logits = _check_logits(logits)
-        labels = _check_labels(labels, *logits.shape)
-        k = logits.shape[1]
-        z, y = torch.from_numpy(logits), torch.from_numpy(labels)
-        eye = torch.eye(k, dtype=torch.float64)
+        reg: float | None = None,
+        max_iter: int | None = None,
+    ) -> _AffineScaling:
+        reg = cls.reg if reg is None else reg
+        z, y = _as_tensors(logits, labels)
+        k = z.shape[1]
+        eye = cls._identity(k)
         w = eye.clone().requires_grad_(True)
         b = torch.zeros(k, dtype=torch.float64, requires_grad=True)
 
         def loss() -> torch.Tensor:
             penalty = ((w - eye) ** 2).sum() + (b**2).sum()
-            return F.cross_entropy(z @ w.T + b, y) + reg * penalty
+            return F.cross_entropy(cls._apply(z, w) + b, y) + reg * penalty
 
-        _lbfgs([w, b], loss, max_iter)
+        _lbfgs([w, b], loss, cls.max_iter if max_iter is None else max_iter)
         return cls(k, w.detach().numpy().copy(), b.detach().numpy().copy())
 
     def _predict(self, logits: np.ndarray) -> np.ndarray:
-        return softmax(logits @ self.weight.T + self.bias)
+        return softmax(self._apply(logits, self.weight) + self.bias)
 
     def _state(self) -> dict[str, Any]:
         return {"weight": self.weight.tolist(), "bias": self.bias.tolist()}
 
     @classmethod
-    def _from_state(cls, state: Mapping[str, Any], k: int) -> MatrixScaling:
-        return cls(k, _as_array(state, "weight", (k, k)), _as_array(state, "bias", (k,)))
+    def _from_state(cls, state: Mapping[str, Any], k: int) -> _AffineScaling:
+        shape = tuple(cls._identity(k).shape)
+        return cls(k, _as_array(state, "weight", shape), _as_array(state, "bias", (k,)))
 
 
-def _bin_index(p: np.ndarray, n_bins: int) -> np.ndarray:
-    """Equal-width bin of each probability: ``[m/M, (m+1)/M)``, the last bin closed at 1."""
-    return np.clip((p * n_bins).astype(np.int64), 0, n_bins - 1)
+class VectorScaling(_AffineScaling):
+    """``softmax(z * w + b)``: per-class scale and bias (Guo et al. 2017)."""
+
+    method, full, reg, max_iter = "vector", False, 1e-3, 200
+
+
+class MatrixScaling(_AffineScaling):
+    """``softmax(z @ W.T + b)``: a full linear map of the logits (k^2 + k parameters)."""
+
+    method, full, reg, max_iter = "matrix", True, 1e-2, 500
 
 
 @dataclass(eq=False)
@@ -541,7 +517,7 @@ class HistogramBinning(Calibrator):
         midpoints = (np.arange(n_bins) + 0.5) / n_bins
         values = np.empty((k, n_bins))
         for j in range(k):
-            idx = _bin_index(probs[:, j], n_bins)
+            idx = bin_index(probs[:, j], n_bins)
             count = np.bincount(idx, minlength=n_bins)
             positives = np.bincount(idx, weights=(labels == j).astype(np.float64), minlength=n_bins)
             with np.errstate(invalid="ignore", divide="ignore"):
@@ -553,7 +529,7 @@ class HistogramBinning(Calibrator):
         n_bins = self.values.shape[1]
         scores = np.empty_like(probs)
         for j in range(self.num_classes):
-            scores[:, j] = self.values[j, _bin_index(probs[:, j], n_bins)]
+            scores[:, j] = self.values[j, bin_index(probs[:, j], n_bins)]
         return _renormalise(scores, probs, self.eps)
 
     def _state(self) -> dict[str, Any]:

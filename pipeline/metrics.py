@@ -189,12 +189,22 @@ class ReliabilityBins:
         return float(np.sum(self.count[nonempty] * gaps) / np.sum(self.count))
 
 
+def bin_index(scores: np.ndarray, n_bins: int) -> np.ndarray:
+    """Equal-width bin of each score in [0, 1]: ``[m/M, (m+1)/M)``, the last bin closed at 1.
+
+    The one binning rule of the project (ECE, reliability diagrams, histogram binning):
+    edges from ``linspace``, so a score equal to an edge such as 0.3 lands in the bin that
+    starts there for every M (``int(0.3 * 10)`` would give 2).
+    """
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    return np.clip(np.searchsorted(edges, scores, side="right") - 1, 0, n_bins - 1)
+
+
 def _bin_stats(
     scores: np.ndarray, hits: np.ndarray, n_bins: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Counts, mean score and mean hit rate per equal-width bin ``[m/M, (m+1)/M)``, last closed."""
-    edges = np.linspace(0.0, 1.0, n_bins + 1)
-    idx = np.clip(np.searchsorted(edges, scores, side="right") - 1, 0, n_bins - 1)
+    """Counts, mean score and mean hit rate per equal-width bin (:func:`bin_index`)."""
+    idx = bin_index(scores, n_bins)
     count = np.bincount(idx, minlength=n_bins).astype(np.int64)
     with np.errstate(invalid="ignore", divide="ignore"):
         conf = np.bincount(idx, weights=scores, minlength=n_bins) / count

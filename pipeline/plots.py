@@ -25,8 +25,10 @@ from pipeline.metrics import N_BINS, check_inputs, ece, reliability_bins, risk_c
 DPI = 120
 
 
-def _save(fig: Figure, path: str | Path) -> Path:
+def _save(fig: Figure, path: str | Path, suptitle: str = "") -> Path:
     """Render with Agg and write the PNG, creating the parent folder."""
+    if suptitle:
+        fig.suptitle(suptitle)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     FigureCanvasAgg(fig)
@@ -94,9 +96,7 @@ def reliability_diagram(
         ax_count.set_xlabel(f"top-label confidence ({n_bins} equal-width bins)")
         if col == 0:
             ax_count.set_ylabel("count")
-    if title:
-        fig.suptitle(title)
-    return _save(fig, path)
+    return _save(fig, path, title)
 
 
 def confidence_histogram(
@@ -132,9 +132,7 @@ def confidence_histogram(
         if col == 0:
             ax.set_ylabel("documents")
             ax.legend(loc="upper left", fontsize=8)
-    if title:
-        fig.suptitle(title)
-    return _save(fig, path)
+    return _save(fig, path, title)
 
 
 def confusion_matrix_plot(

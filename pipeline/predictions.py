@@ -11,13 +11,16 @@ loudly instead of being scored.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import yaml
 
 from pipeline import paths
 from pipeline.errors import PipelineError
+from pipeline.io import Outputs
 from pipeline.schemas import (
     LOGIT_COLUMNS,
     PREDICTION_SPLITS,
@@ -31,7 +34,42 @@ MODEL_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
 def predictions_path(model: str) -> Path:
-    return paths.PREDICTIONS / model / paths.PREDICTIONS_FILE
+    return paths.predictions_dir(model) / paths.PREDICTIONS_FILE
+
+
+def write_predictions(out: Outputs, model: str, table: pd.DataFrame) -> Path:
+    """Write a model's table inside an :func:`pipeline.io.atomic_outputs` block; returns
+    where it will be once the block commits."""
+    table.to_parquet(out.dir(paths.predictions_dir(model)) / paths.PREDICTIONS_FILE, index=False)
+    return predictions_path(model)
+
+
+def check_listed_in_dvc_yaml(stage: str, models: Sequence[str], key: str) -> None:
+    """Fail when stage ``stage`` of ./dvc.yaml reads a model whose predictions it does not
+    list in its deps.
+
+    DVC cannot template a params list into ``deps``, so a model added to ``key`` (for
+    example ``dvc exp run -S blend.models=[...]``) but not to dvc.yaml would be read
+    without being a dependency, and the stage's outputs would go stale silently when that
+    model changes. Outside a DVC project (no ./dvc.yaml, or no such stage) nothing is checked.
+    """
+    dvc_file = Path("dvc.yaml")
+    if not dvc_file.is_file():
+        return
+    stage_def = (yaml.safe_load(dvc_file.read_text(encoding="utf-8")) or {}).get("stages", {})
+    if stage not in stage_def:
+        return
+    deps = {str(d) for d in stage_def[stage].get("deps", [])}
+    missing = [
+        paths.predictions_dir(m).as_posix()
+        for m in models
+        if paths.predictions_dir(m).as_posix() not in deps
+    ]
+    if missing:
+        raise PipelineError(
+            f"dvc.yaml: stage {stage} reads {', '.join(missing)} ({key}) but does not list "
+            "it in deps: add it there so DVC reruns the stage when that model changes"
+        )
 
 
 def make_table(ids, splits, labels, logits: np.ndarray) -> pd.DataFrame:

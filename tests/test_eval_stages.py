@@ -37,8 +37,7 @@ from pipeline.stages.evaluate import (
     report_html,
     split_summary,
     subject_line,
-    write_figures,
-    write_plots,
+    write_views,
 )
 from tests.helpers import ROOT
 
@@ -238,8 +237,7 @@ def test_evaluate_scores_plots_and_reports(tmp_path: Path) -> None:
     assert "n" in rest["calibrated"] and "ece_ci_low" in rest["calibrated"]
 
     params = EvaluateParams(bootstrap=20)
-    write_plots(tmp_path / "plots", "m", probs, labels, params)
-    write_figures(tmp_path / "figures", "m", probs, labels, params)
+    write_views(tmp_path / "plots", tmp_path / "figures", "m", probs, labels, params)
     names = {p.name for p in (tmp_path / "plots/m").iterdir()}
     assert "confusion.json" in names and not any(n.endswith(".png") for n in names)
     assert {p.name for p in (tmp_path / "figures/m").iterdir()} == {

@@ -6,12 +6,13 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 
 from pipeline.bag import WideModel, bag_features, count_matrix
 from pipeline.errors import PipelineError
 from pipeline.predictions import make_table
 from pipeline.stages.blend import blended, cross_fit, fit_weights, fold_ids
-from tests.helpers import assert_failed_cleanly, run_stage, stage_files
+from tests.helpers import ROOT, assert_failed_cleanly, run_stage, stage_files
 
 VOCAB = 50
 
@@ -190,3 +191,29 @@ def test_blend_of_predictions_missing_validation_rows_is_one_error_line(tmp_path
     before = stage_files(work)
     proc = run_stage("blend", work)
     assert_failed_cleanly(proc, work, "40 validation document(s) missing", before=before)
+
+
+def test_a_model_read_but_not_listed_in_dvc_yaml_is_an_error(tmp_path, monkeypatch) -> None:
+    """DVC cannot template blend.models into deps: a model added to the params alone must
+    fail loudly instead of being read without being a dependency."""
+    from pipeline.predictions import check_listed_in_dvc_yaml
+
+    monkeypatch.chdir(tmp_path)
+    check_listed_in_dvc_yaml("blend", ["transformer"], "blend.models")  # no dvc.yaml: no check
+    (tmp_path / "dvc.yaml").write_text(
+        "stages:\n  blend:\n    cmd: x\n    deps:\n      - data/predictions/transformer\n"
+    )
+    check_listed_in_dvc_yaml("blend", ["transformer"], "blend.models")
+    with pytest.raises(PipelineError, match=r"data/predictions/baseline \(blend.models\)"):
+        check_listed_in_dvc_yaml("blend", ["transformer", "baseline"], "blend.models")
+
+
+def test_the_default_model_lists_are_listed_in_dvc_yaml(monkeypatch) -> None:
+    from pipeline.config import compose
+    from pipeline.predictions import check_listed_in_dvc_yaml
+
+    params = yaml.safe_load(compose())
+    monkeypatch.chdir(ROOT)
+    check_listed_in_dvc_yaml("blend", params["blend"]["models"], "blend.models")
+    for stage in ("calibrate", "evaluate"):
+        check_listed_in_dvc_yaml(stage, params["calibrate"]["models"], "calibrate.models")

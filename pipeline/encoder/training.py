@@ -23,7 +23,9 @@ import json
 import math
 import random
 import shutil
+import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -41,9 +43,9 @@ from torch.utils.data import DataLoader
 
 from pipeline import paths
 from pipeline.config import Section
-from pipeline.encoder.model import Classifier, LanguageModel, model_inputs
+from pipeline.encoder.model import Classifier, LanguageModel, model_inputs, save_model
 from pipeline.errors import PipelineError
-from pipeline.io import sha256_file
+from pipeline.io import Outputs, sha256_file, write_json
 
 Precision = Literal["32-true", "bf16-mixed", "16-mixed", "bf16-true", "64-true"]
 Schedule = Literal["cosine", "linear", "constant"]
@@ -562,6 +564,68 @@ def build_trainer(
 def maybe_compile(module: L.LightningModule, tp: TrainerParams) -> L.LightningModule:
     """``torch.compile`` the module when the trainer section asks (Lightning unwraps it)."""
     return torch.compile(module) if tp.compile else module  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class Fitted:
+    """What a finished ``trainer.fit`` leaves for the stage's report."""
+
+    trainer: L.Trainer
+    seconds: float
+    resumed: bool
+
+
+def fit_module(
+    module: _Base,
+    data: L.LightningDataModule,
+    callbacks: list[Callback],
+    tp: TrainerParams,
+    checkpoints: Path | None,
+    **overrides: Any,
+) -> Fitted:
+    """Build the trainer and fit ``module`` (with its own ``run`` params), resuming the
+    interrupted run of the same params and inputs when its checkpoint exists."""
+    trainer = build_trainer(tp, module.run, callbacks, checkpoints, **overrides)
+    resume = last_checkpoint(checkpoints)
+    if resume is not None:
+        say(f"resuming the interrupted run from {resume}")
+    start = time.perf_counter()
+    trainer.fit(maybe_compile(module, tp), datamodule=data, ckpt_path=resume)
+    return Fitted(trainer, time.perf_counter() - start, resume is not None)
+
+
+def run_summary(fitted: Fitted, module: _Base, counts: dict[str, int]) -> dict[str, Any]:
+    """The report keys both training stages share: budget, speed and size."""
+    trainer = fitted.trainer
+    tokens = module.train_tokens * trainer.world_size  # real tokens, this run
+    return {
+        "steps": trainer.global_step,
+        "epochs": trainer.current_epoch,
+        "train_minutes": round(fitted.seconds / 60, 3),
+        "train_tokens": tokens,
+        "train_tokens_per_second": round(tokens / fitted.seconds, 1),
+        "world_size": trainer.world_size,
+        "parameters": counts,
+        "resumed": fitted.resumed,
+    }
+
+
+def write_training_outputs(
+    out: Outputs,
+    model: nn.Module,
+    config: dict[str, Any],
+    curve: LossCurve,
+    result: dict[str, Any],
+    out_model: Path,
+    curves: Path,
+    report: Path,
+) -> None:
+    """Weights + config, the two loss curves and the JSON report, inside ``out``."""
+    save_model(model, out.dir(out_model), config)
+    curve_dir = out.dir(curves)
+    write_curve(curve_dir / "train.csv", curve.train)
+    write_curve(curve_dir / "validation.csv", curve.val)
+    write_json(out.file(report), result)
 
 
 @torch.inference_mode()

@@ -28,7 +28,7 @@ from pipeline import paths
 from pipeline.config import Section, load_section, load_seed
 from pipeline.errors import PipelineError, run_stage
 from pipeline.io import atomic_outputs, sha256_file, write_json
-from pipeline.predictions import make_table
+from pipeline.predictions import make_table, predictions_path, write_predictions
 from pipeline.schemas import GROUPS, PREDICTION_SPLITS, Documents, Predictions, validate
 from pipeline.tracking import StageRun, split_report
 
@@ -126,7 +126,7 @@ def main() -> None:
     table = validate(
         pd.concat(parts, ignore_index=True),
         Predictions,
-        str(paths.predictions_dir(MODEL) / paths.PREDICTIONS_FILE),
+        str(predictions_path(MODEL)),
     )
     val = table[table["split"] == "validation"]
     val_pred = val[[f"logit_{j}" for j in range(len(GROUPS))]].to_numpy().argmax(axis=1)
@@ -139,14 +139,12 @@ def main() -> None:
         "validation_accuracy": float(np.mean(val_pred == val["label"].to_numpy())),
     }
     with atomic_outputs() as out:
-        table.to_parquet(
-            out.dir(paths.predictions_dir(MODEL)) / paths.PREDICTIONS_FILE, index=False
-        )
+        write_predictions(out, MODEL, table)
         write_json(out.file(paths.stage_report(MODEL)), report)
     print(
         f"baseline: {info['features']} features, {info['iterations']} iterations, "
         f"{fit_seconds:.1f}s; validation accuracy {report['validation_accuracy']:.4f} "
-        f"-> {paths.predictions_dir(MODEL) / paths.PREDICTIONS_FILE}, {paths.stage_report(MODEL)}"
+        f"-> {predictions_path(MODEL)}, {paths.stage_report(MODEL)}"
     )
     metrics, stats = split_report("baseline", report, {"validation_accuracy": "val_accuracy"})
     tracking.finish(

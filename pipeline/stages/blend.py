@@ -28,11 +28,14 @@ from pipeline.errors import PipelineError, run_stage
 from pipeline.io import atomic_outputs, write_json
 from pipeline.predictions import (
     MODEL_NAME,
+    check_listed_in_dvc_yaml,
     load_predictions,
     make_table,
+    predictions_path,
     read_documents,
     split_arrays,
     split_scores,
+    write_predictions,
 )
 from pipeline.schemas import Predictions, validate
 from pipeline.tracking import StageRun, split_report
@@ -126,7 +129,7 @@ def run(params: BlendParams, seed: int) -> tuple[dict, pd.DataFrame, dict]:
         ],
         ignore_index=True,
     )
-    table = validate(table, Predictions, str(paths.predictions_dir(MODEL) / paths.PREDICTIONS_FILE))
+    table = validate(table, Predictions, str(predictions_path(MODEL)))
     in_sample = make_table(
         val_ids, ["validation"] * len(val_ids), val_labels, blended(weights, val_parts)
     )
@@ -148,21 +151,20 @@ def run(params: BlendParams, seed: int) -> tuple[dict, pd.DataFrame, dict]:
 
 def main() -> None:
     params = load_section("blend", BlendParams)
+    check_listed_in_dvc_yaml("blend", params.models, "blend.models")
     seed = load_seed()
     tracking = StageRun("blend")
     state, table, report = run(params, seed)
     with atomic_outputs() as out:
         write_json(out.dir(paths.BLEND) / paths.BLEND_FILE.name, state)
-        table.to_parquet(
-            out.dir(paths.predictions_dir(MODEL)) / paths.PREDICTIONS_FILE, index=False
-        )
+        write_predictions(out, MODEL, table)
         write_json(out.file(paths.stage_report(MODEL)), report)
     weights = " + ".join(f"{w:.3f} x {m}" for m, w in report["weights"].items())
     scores = report["validation"]["blend"]
     print(
         f"blend: {weights}; cross-fitted validation accuracy {scores['accuracy']:.4f}, "
         f"NLL {scores['nll']:.4f} -> {paths.BLEND / paths.BLEND_FILE.name}, "
-        f"{paths.predictions_dir(MODEL) / paths.PREDICTIONS_FILE}"
+        f"{predictions_path(MODEL)}"
     )
     headline = {"validation.blend.accuracy": "val_accuracy", "validation.blend.nll": "val_nll"}
     metrics, stats = split_report("blend", report, headline)

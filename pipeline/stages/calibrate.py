@@ -22,7 +22,13 @@ from pipeline.config import Section, load_section, load_seed
 from pipeline.errors import run_stage
 from pipeline.io import atomic_outputs, write_json
 from pipeline.metrics import ece, nll
-from pipeline.predictions import MODEL_NAME, load_predictions, read_documents, split_arrays
+from pipeline.predictions import (
+    MODEL_NAME,
+    check_listed_in_dvc_yaml,
+    load_predictions,
+    read_documents,
+    split_arrays,
+)
 from pipeline.tracking import StageRun, split_report
 
 Method = Literal[
@@ -110,6 +116,7 @@ def calibrate_model(
 
 def main() -> None:
     params = load_section("calibrate", CalibrateParams)
+    check_listed_in_dvc_yaml("calibrate", params.models, "calibrate.models")
     seed = load_seed()
     tracking = StageRun("calibrate")
     docs = read_documents()

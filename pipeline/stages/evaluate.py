@@ -47,6 +47,7 @@ from pipeline.errors import PipelineError, run_stage
 from pipeline.io import atomic_outputs, write_json
 from pipeline.metrics import N_BINS, summarize
 from pipeline.predictions import (
+    check_listed_in_dvc_yaml,
     load_predictions,
     read_documents,
     split_arrays,
@@ -129,16 +130,18 @@ def split_summary(
     return head, rest
 
 
-def write_plots(
-    folder: Path,
+def write_views(
+    plot_dir: Path,
+    figure_dir: Path,
     model: str,
     probs: dict[str, np.ndarray],
     labels: np.ndarray,
     params: EvaluateParams,
 ) -> None:
-    """One model's DVC plot JSON under ``folder/<model>/``; rows carry ``model`` and
-    ``calibration`` so the templates in ``.dvc/plots/`` can facet and title by them."""
-    out = folder / model
+    """One model's DVC plot JSON under ``plot_dir/<model>/`` and the PNGs ``report.md``
+    links under ``figure_dir/<model>/``. Plot rows carry ``model`` and ``calibration`` so
+    the templates in ``.dvc/plots/`` can facet and title by them."""
+    out = plot_dir / model
     out.mkdir(parents=True, exist_ok=True)
     preds = probs["calibrated"].argmax(axis=1)
 
@@ -159,18 +162,8 @@ def write_plots(
         )
     write_json(out / "confusion.json", plots.confusion_rows(labels, preds, GROUPS))
 
-
-def write_figures(
-    folder: Path,
-    model: str,
-    probs: dict[str, np.ndarray],
-    labels: np.ndarray,
-    params: EvaluateParams,
-) -> None:
-    """One model's PNGs under ``folder/<model>/`` (the ones ``report.md`` links)."""
-    out = folder / model
+    out = figure_dir / model
     before, after = probs["uncalibrated"], probs["calibrated"]
-    preds = after.argmax(axis=1)
     plots.reliability_diagram(before, after, labels, out / "reliability.png", title=model)
     plots.confidence_histogram(
         before, after, labels, out / "confidence.png", params.histogram_bins, title=model
@@ -424,6 +417,7 @@ def main() -> None:
     seed = load_seed()
     calibrators = load_calibrators()
     models = list(calibrators)
+    check_listed_in_dvc_yaml("evaluate", models, "calibrate.models")
     tracking = StageRun("evaluate", models=models)  # one run per model, from now
     docs = read_documents()
     metrics: dict[str, Any] = {}
@@ -447,8 +441,7 @@ def main() -> None:
             )
             methods[model] = calibrator.method
             test_probs[model] = probs["calibrated"]
-            write_plots(plot_dir, model, probs, labels, params)
-            write_figures(figure_dir, model, probs, labels, params)
+            write_views(plot_dir, figure_dir, model, probs, labels, params)
             print(
                 f"evaluate: {model}: accuracy {summary['calibrated']['accuracy']:.4f}, ECE "
                 f"{summary['uncalibrated']['ece']:.4f} -> {summary['calibrated']['ece']:.4f} "

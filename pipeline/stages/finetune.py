@@ -16,7 +16,6 @@ DVC plots).
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any, Literal
 
@@ -43,7 +42,6 @@ from pipeline.encoder.model import (
     format_parameter_counts,
     load_model_files,
     parameter_counts,
-    save_model,
 )
 from pipeline.encoder.training import (
     BestWeights,
@@ -52,17 +50,16 @@ from pipeline.encoder.training import (
     LossCurve,
     TrainerParams,
     TrainParams,
-    build_trainer,
     discard_checkpoints,
-    last_checkpoint,
-    maybe_compile,
+    fit_module,
     predict_logits,
+    run_summary,
     say,
     training_stage_main,
-    write_curve,
+    write_training_outputs,
 )
 from pipeline.errors import PipelineError, run_stage
-from pipeline.io import atomic_outputs, write_json
+from pipeline.io import atomic_outputs
 from pipeline.predictions import make_table, split_scores
 from pipeline.schemas import GROUPS, PREDICTION_SPLITS, Predictions, validate
 
@@ -188,13 +185,8 @@ def run(
     best = BestWeights(params.monitor, "min" if params.monitor == "val_loss" else "max")
     curve = LossCurve(every=trainer_params.log_every_n_steps, val_keys=("val_loss", "val_acc"))
     callbacks = [best, curve, EpochSeed(seed)]
-    trainer = build_trainer(trainer_params, params, callbacks, checkpoints, **trainer_overrides)
-    resume = last_checkpoint(checkpoints)
-    if resume is not None:
-        say(f"finetune: resuming the interrupted run from {resume}")
-    start = time.perf_counter()
-    trainer.fit(maybe_compile(module, trainer_params), datamodule=data, ckpt_path=resume)
-    seconds = time.perf_counter() - start
+    fitted = fit_module(module, data, callbacks, trainer_params, checkpoints, **trainer_overrides)
+    trainer = fitted.trainer
     if not trainer.is_global_zero:
         return None
 
@@ -212,16 +204,9 @@ def run(
         "validation_nll": scores["nll"],
         "selected_step": best.best_step if best.best_step is not None else trainer.global_step,
         "selected_by": params.monitor,
-        "steps": trainer.global_step,
-        "epochs": trainer.current_epoch,
         "init": params.init,
         "long_doc": params.long_doc,
-        "train_minutes": round(seconds / 60, 3),
-        "train_tokens": module.train_tokens * trainer.world_size,  # real tokens, this run
-        "train_tokens_per_second": round(module.train_tokens * trainer.world_size / seconds, 1),
-        "world_size": trainer.world_size,
-        "parameters": counts,
-        "resumed": resume is not None,
+        **run_summary(fitted, module, counts),
     }
     with atomic_outputs() as out:
         config = encoder_config(
@@ -235,12 +220,8 @@ def run(
             max_chunks=params.max_chunks,
             head_fraction=params.head_fraction,
         )
-        save_model(model, out.dir(out_model), config)
+        write_training_outputs(out, model, config, curve, result, out_model, curves, report)
         table.to_parquet(out.dir(out_predictions) / paths.PREDICTIONS_FILE, index=False)
-        curve_dir = out.dir(curves)
-        write_curve(curve_dir / "train.csv", curve.train)
-        write_curve(curve_dir / "validation.csv", curve.val)
-        write_json(out.file(report), result)
     discard_checkpoints(checkpoints)
     say(
         f"finetune: validation accuracy {result['validation_accuracy']:.4f}, NLL "

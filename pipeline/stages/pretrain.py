@@ -42,7 +42,6 @@ from pipeline.encoder.model import (
     encoder_config,
     format_parameter_counts,
     parameter_counts,
-    save_model,
 )
 from pipeline.encoder.training import (
     EpochSeed,
@@ -50,16 +49,15 @@ from pipeline.encoder.training import (
     LossCurve,
     TrainerParams,
     TrainParams,
-    build_trainer,
     discard_checkpoints,
-    last_checkpoint,
-    maybe_compile,
+    fit_module,
+    run_summary,
     say,
     training_stage_main,
-    write_curve,
+    write_training_outputs,
 )
 from pipeline.errors import run_stage
-from pipeline.io import atomic_outputs, write_json
+from pipeline.io import atomic_outputs
 from pipeline.schemas import GROUPS
 
 
@@ -139,13 +137,8 @@ def run(
     module = LMModule(model, params)
     curve = LossCurve(every=trainer_params.log_every_n_steps)
     callbacks = [curve, EpochSeed(seed)]
-    trainer = build_trainer(trainer_params, params, callbacks, checkpoints, **trainer_overrides)
-    resume = last_checkpoint(checkpoints)
-    if resume is not None:
-        say(f"pretrain: resuming the interrupted run from {resume}")
-    start = time.perf_counter()
-    trainer.fit(maybe_compile(module, trainer_params), datamodule=data, ckpt_path=resume)
-    seconds = time.perf_counter() - start
+    fitted = fit_module(module, data, callbacks, trainer_params, checkpoints, **trainer_overrides)
+    trainer = fitted.trainer
     # A final held-out pass on the final weights (the last scheduled validation may be
     # steps behind them); every rank takes part, rank 0 writes.
     final = trainer.validate(module, datamodule=data, verbose=False)[0]
@@ -157,24 +150,13 @@ def run(
         "val_loss": round(val_loss, 6),
         "val_perplexity": round(math.exp(min(val_loss, 700.0)), 4),
         "objective": params.objective,
-        "steps": trainer.global_step,
-        "epochs": trainer.current_epoch,
-        "train_minutes": round(seconds / 60, 3),
-        "train_tokens": module.train_tokens * trainer.world_size,  # real tokens, this run
-        "train_tokens_per_second": round(module.train_tokens * trainer.world_size / seconds, 1),
-        "world_size": trainer.world_size,
-        "parameters": counts,
-        "resumed": resume is not None,
+        **run_summary(fitted, module, counts),
     }
     with atomic_outputs() as out:
         config = encoder_config(
             model_params, vocab_size, architecture="LanguageModel", objective=params.objective
         )
-        save_model(model, out.dir(out_model), config)
-        curve_dir = out.dir(curves)
-        write_curve(curve_dir / "train.csv", curve.train)
-        write_curve(curve_dir / "validation.csv", curve.val)
-        write_json(out.file(report), result)
+        write_training_outputs(out, model, config, curve, result, out_model, curves, report)
     discard_checkpoints(checkpoints)
     say(
         f"pretrain: val loss {val_loss:.4f} (perplexity {result['val_perplexity']}) after "

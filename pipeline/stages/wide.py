@@ -26,7 +26,7 @@ from pipeline.bag import WideModel
 from pipeline.config import Section, load_section, load_seed
 from pipeline.errors import run_stage
 from pipeline.io import atomic_outputs, write_json
-from pipeline.predictions import make_table, split_scores
+from pipeline.predictions import make_table, predictions_path, split_scores, write_predictions
 from pipeline.schemas import GROUPS, PREDICTION_SPLITS, Predictions, validate
 from pipeline.tracking import StageRun, split_report
 
@@ -94,14 +94,12 @@ def main() -> None:
         print(f"wide: warning: LinearSVC did not converge in max_iter={params.max_iter}")
     with atomic_outputs() as out:
         model.save(out.dir(paths.WIDE))
-        table.to_parquet(
-            out.dir(paths.predictions_dir(MODEL)) / paths.PREDICTIONS_FILE, index=False
-        )
+        write_predictions(out, MODEL, table)
         write_json(out.file(paths.stage_report(MODEL)), report)
     print(
         f"wide: {report['features_seen_in_train']} features seen in train, "
         f"{report['fit_seconds']:.1f}s; validation accuracy {report['validation_accuracy']:.4f}"
-        f" -> {paths.WIDE}, {paths.predictions_dir(MODEL) / paths.PREDICTIONS_FILE}, "
+        f" -> {paths.WIDE}, {predictions_path(MODEL)}, "
         f"{paths.stage_report(MODEL)}"
     )
     headline = {"validation_accuracy": "val_accuracy", "validation_nll": "val_nll"}
