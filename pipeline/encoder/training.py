@@ -212,6 +212,7 @@ class _Base(L.LightningModule):
 
     last_train_loss: float = float("nan")
     train_tokens: int = 0  # real (non-pad) tokens seen by this rank, for throughput
+    stage: str  # the DVC stage that trains this module, for messages
 
     def _check_finite(self, loss: Tensor) -> None:
         bad = not bool(torch.isfinite(loss))
@@ -227,6 +228,8 @@ class _Base(L.LightningModule):
 
 class LMModule(_Base):
     """Language-model pretraining (masked or causal) of :class:`.LanguageModel`."""
+
+    stage = "pretrain"
 
     def __init__(self, model: LanguageModel, run: TrainParams) -> None:
         super().__init__()
@@ -259,6 +262,8 @@ class ClassifierModule(_Base):
     gradients. Under DDP that leaves encoder parameters unused: use the
     ``ddp_find_unused_parameters_true`` strategy then.
     """
+
+    stage = "finetune"
 
     def __init__(
         self,
@@ -588,7 +593,7 @@ def fit_module(
     trainer = build_trainer(tp, module.run, callbacks, checkpoints, **overrides)
     resume = last_checkpoint(checkpoints)
     if resume is not None:
-        say(f"resuming the interrupted run from {resume}")
+        say(f"{module.stage}: resuming the interrupted run from {resume}")
     start = time.perf_counter()
     trainer.fit(maybe_compile(module, tp), datamodule=data, ckpt_path=resume)
     return Fitted(trainer, time.perf_counter() - start, resume is not None)
