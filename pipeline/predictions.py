@@ -16,20 +16,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from pipeline.domain import LOGIT_COLUMNS, NAME_PATTERN, PREDICTION_SPLITS, PROB_COLUMNS
 from pipeline.errors import PipelineError
-from pipeline.schemas import (
-    LOGIT_COLUMNS,
-    PREDICTION_SPLITS,
-    PROB_COLUMNS,
-    Predictions,
-    Probabilities,
-    validate,
-)
+from pipeline.schemas import Predictions, Probabilities, validate
 
 PRED_DIR = Path("data/predictions")
 PRED_FILE = "predictions.parquet"
 DOCUMENTS = Path("data/raw/documents.parquet")
-MODEL_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+MODEL_NAME = re.compile(NAME_PATTERN)
 
 
 def predictions_path(model: str) -> Path:

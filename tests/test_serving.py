@@ -26,9 +26,9 @@ import yaml
 from mlflow import MlflowClient
 
 from pipeline.calibration import fit_calibrator
+from pipeline.domain import GROUPS, LOGIT_COLUMNS
 from pipeline.encoder.model import ModelParams
 from pipeline.encoder.training import TrainerParams
-from pipeline.schemas import GROUPS, LOGIT_COLUMNS
 from pipeline.serving import (
     Scorer,
     ServedFiles,

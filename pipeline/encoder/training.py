@@ -40,6 +40,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from pipeline.config import Section
+from pipeline.encoder import inference
 from pipeline.encoder.model import Classifier, LanguageModel, model_inputs
 from pipeline.errors import PipelineError
 from pipeline.io import sha256_file
@@ -564,24 +565,18 @@ def maybe_compile(module: L.LightningModule, tp: TrainerParams) -> L.LightningMo
     return torch.compile(module) if tp.compile else module  # type: ignore[return-value]
 
 
-@torch.inference_mode()
 def predict_logits(
     model: Classifier, loader: DataLoader, device: torch.device, precision: Precision
 ) -> tuple[np.ndarray, np.ndarray]:
     """(row indices, float64 logits) for every document of ``loader``, in one process.
 
     Prediction happens once, after training, outside Lightning's distributed loop, so
-    no sampler pads or splits the split across ranks.
+    no sampler pads or splits the split across ranks. It runs on a copy, so the trained
+    model stays where Lightning left it; the loop is the served model's
+    (:func:`pipeline.encoder.inference.predict_logits`).
     """
     model = copy.deepcopy(model).to(device).eval()
-    dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
-    indices, logits = [], []
-    for batch in loader:
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            out = model(**model_inputs(batch, device))
-        indices.append(batch["index"].numpy())
-        logits.append(out.double().cpu().numpy())
-    return np.concatenate(indices), np.concatenate(logits)
+    return inference.predict_logits(model, loader, device, precision)
 
 
 @rank_zero_only

@@ -25,10 +25,11 @@ import pandas as pd
 from pydantic import Field
 
 from pipeline.config import Section, load_section, load_seed
+from pipeline.domain import GROUPS, LOGIT_COLUMNS, PREDICTION_SPLITS
 from pipeline.errors import PipelineError, run_stage
 from pipeline.io import atomic_outputs, sha256_file, write_json
 from pipeline.predictions import DOCUMENTS, PRED_DIR, PRED_FILE, make_table
-from pipeline.schemas import GROUPS, PREDICTION_SPLITS, Documents, Predictions, validate
+from pipeline.schemas import Documents, Predictions, validate
 from pipeline.tracking import StageRun, split_report
 
 MODEL = "baseline"
@@ -126,7 +127,7 @@ def main() -> None:
         parts.append(make_table(part["id"], part["split"], part["label"], logits))
     table = validate(pd.concat(parts, ignore_index=True), Predictions, str(OUT_DIR / PRED_FILE))
     val = table[table["split"] == "validation"]
-    val_pred = val[[f"logit_{j}" for j in range(len(GROUPS))]].to_numpy().argmax(axis=1)
+    val_pred = val[list(LOGIT_COLUMNS)].to_numpy().argmax(axis=1)
     report = {
         "model": "tfidf+logistic_regression",
         "train_documents": len(train),

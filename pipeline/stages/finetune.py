@@ -25,14 +25,9 @@ import numpy as np
 import pandas as pd
 from pydantic import Field
 
-from pipeline.encoder.data import (
-    ClassifyCollator,
-    DocumentTokens,
-    LongDoc,
-    TokenizedDataModule,
-    load_splits,
-    load_vocab_size,
-)
+from pipeline.domain import NUM_CLASSES, PREDICTION_SPLITS
+from pipeline.encoder.collate import ClassifyCollator, LongDoc
+from pipeline.encoder.data import DocumentTokens, TokenizedDataModule, load_splits, load_vocab_size
 from pipeline.encoder.model import (
     ChunkPooling,
     Classifier,
@@ -63,7 +58,7 @@ from pipeline.encoder.training import (
 from pipeline.errors import PipelineError, run_stage
 from pipeline.io import atomic_outputs, write_json
 from pipeline.predictions import make_table, split_scores
-from pipeline.schemas import GROUPS, PREDICTION_SPLITS, Predictions, validate
+from pipeline.schemas import Predictions, validate
 
 TOKENIZED = Path("data/tokenized")
 TOKENIZER = Path("data/tokenizer/tokenizer.json")
@@ -73,7 +68,6 @@ OUT_PREDICTIONS = Path("data/predictions/transformer")
 PREDICTIONS_FILE = "predictions.parquet"
 REPORT = Path("reports/finetune.json")
 CURVES = Path("reports/finetune")
-N_CLASSES = len(GROUPS)
 
 
 class FinetuneParams(TrainParams):
@@ -107,7 +101,7 @@ def build_classifier(
     model = Classifier(
         model_params,
         vocab_size,
-        N_CLASSES,
+        NUM_CLASSES,
         pooling=params.pooling,
         chunk_pooling=params.chunk_pooling,
         dropout=params.dropout,
@@ -167,7 +161,7 @@ def run(
         )
     L.seed_everything(seed, workers=True, verbose=False)
     vocab_size = load_vocab_size(tokenizer)
-    splits = load_splits(tokenized, vocab_size, N_CLASSES)
+    splits = load_splits(tokenized, vocab_size, NUM_CLASSES)
     model = build_classifier(model_params, params, vocab_size, pretrained)
     counts = parameter_counts(model)
     say(f"finetune: classifier ({params.init} encoder) with {format_parameter_counts(counts)}")
@@ -187,7 +181,7 @@ def run(
     module = ClassifierModule(
         model,
         params,
-        n_classes=N_CLASSES,
+        n_classes=NUM_CLASSES,
         label_smoothing=params.label_smoothing,
         freeze_epochs=params.freeze_epochs,
         layer_lr_decay=params.layer_lr_decay,
@@ -235,7 +229,7 @@ def run(
             model_params,
             vocab_size,
             architecture="Classifier",
-            n_classes=N_CLASSES,
+            n_classes=NUM_CLASSES,
             pooling=params.pooling,
             chunk_pooling=params.chunk_pooling,
             long_doc=params.long_doc,

@@ -26,6 +26,7 @@ from typing import Any
 import lightning.pytorch as L
 from pydantic import Field
 
+from pipeline.domain import GROUPS
 from pipeline.encoder.data import (
     DocumentTokens,
     LMCollator,
@@ -59,7 +60,6 @@ from pipeline.encoder.training import (
 )
 from pipeline.errors import run_stage
 from pipeline.io import atomic_outputs, write_json
-from pipeline.schemas import GROUPS
 
 TOKENIZED = Path("data/tokenized")
 TOKENIZER = Path("data/tokenizer/tokenizer.json")

@@ -23,10 +23,11 @@ from pydantic import Field
 
 from pipeline.bag import WideModel
 from pipeline.config import Section, load_section, load_seed
+from pipeline.domain import GROUPS, PREDICTION_SPLITS
 from pipeline.errors import run_stage
 from pipeline.io import atomic_outputs, write_json
 from pipeline.predictions import PRED_DIR, PRED_FILE, make_table, split_scores
-from pipeline.schemas import GROUPS, PREDICTION_SPLITS, Predictions, validate
+from pipeline.schemas import Predictions, validate
 from pipeline.tracking import StageRun, split_report
 
 MODEL = "wide"
