@@ -1,11 +1,11 @@
 """The served model's pip requirements, derived from what serving really imports.
 
-A hand-written list drifts: it kept Lightning, pandera and torchmetrics long after serving
-stopped needing them, and would miss a package serving starts to import. Instead, a clean
-interpreter loads the served model the way MLflow does (:mod:`pipeline.served_model`,
-``load_context`` on the artifacts, one prediction), every third-party module it imported is
-mapped to the distribution that installed it, and each distribution is pinned to its
-version in ``requirements.lock``.
+A hand-written list drifts: it asked for Lightning, pandera and torchmetrics, which serving
+only reached through shared modules, and it would miss a package serving starts to import.
+Instead, a clean interpreter loads the served model the way MLflow does
+(:mod:`pipeline.served_model`, ``load_context`` on the artifacts, one prediction), every
+third-party module it imported is mapped to the distribution that installed it, and each
+distribution is pinned to its version in ``requirements.lock``.
 """
 
 from __future__ import annotations
