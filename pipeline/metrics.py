@@ -28,13 +28,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from sklearn.metrics import f1_score, log_loss
-from torchmetrics.functional.classification import multiclass_calibration_error
+
+from pipeline.domain import PROB_ATOL
 
 N_BINS = 15
 """Equal-width bins for ECE/MCE/classwise ECE (the Guo et al. 2017 convention)."""
-
-PROB_ATOL = 1e-6
-"""How far a probability may stray outside [0, 1], or a row sum from 1, before we refuse."""
 
 MetricFn = Callable[[np.ndarray, np.ndarray], float]
 
@@ -120,6 +118,10 @@ def brier(probs: np.ndarray, labels: np.ndarray) -> float:
 
 
 def _torchmetrics_ce(probs: np.ndarray, labels: np.ndarray, n_bins: int, norm: str) -> float:
+    # imported here: the served model's calibrator imports this module (nll, one torch
+    # thread) and must not need torchmetrics, which only evaluation uses
+    from torchmetrics.functional.classification import multiclass_calibration_error
+
     probs, labels = check_inputs(probs, labels)
     value = multiclass_calibration_error(
         torch.from_numpy(probs),

@@ -19,18 +19,12 @@ import pandas as pd
 import yaml
 
 from pipeline import paths
+from pipeline.domain import LOGIT_COLUMNS, NAME_PATTERN, PREDICTION_SPLITS, PROB_COLUMNS
 from pipeline.errors import PipelineError
 from pipeline.io import Outputs
-from pipeline.schemas import (
-    LOGIT_COLUMNS,
-    PREDICTION_SPLITS,
-    PROB_COLUMNS,
-    Predictions,
-    Probabilities,
-    validate,
-)
+from pipeline.schemas import Predictions, Probabilities, validate
 
-MODEL_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+MODEL_NAME = re.compile(NAME_PATTERN)
 
 
 def predictions_path(model: str) -> Path:

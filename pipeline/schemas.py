@@ -14,42 +14,26 @@ import pandas as pd
 import pandera.pandas as pa
 from pandera.typing import Series
 
-from pipeline.errors import PipelineError
-
-# The 20 groups of 20 Newsgroups; a label is the index of its group in this sorted list.
-GROUPS: tuple[str, ...] = (
-    "alt.atheism",
-    "comp.graphics",
-    "comp.os.ms-windows.misc",
-    "comp.sys.ibm.pc.hardware",
-    "comp.sys.mac.hardware",
-    "comp.windows.x",
-    "misc.forsale",
-    "rec.autos",
-    "rec.motorcycles",
-    "rec.sport.baseball",
-    "rec.sport.hockey",
-    "sci.crypt",
-    "sci.electronics",
-    "sci.med",
-    "sci.space",
-    "soc.religion.christian",
-    "talk.politics.guns",
-    "talk.politics.mideast",
-    "talk.politics.misc",
-    "talk.religion.misc",
+from pipeline.domain import (
+    DOCUMENT_ID_PATTERN,
+    GROUPS,
+    LOGIT_COLUMNS,
+    NAME_PATTERN,
+    NUM_CLASSES,
+    PREDICTION_SPLITS,
+    PROB_ATOL,
+    PROB_COLUMNS,
+    SPLITS,
 )
-SPLITS: tuple[str, ...] = ("train", "validation", "test")
-# Documents in the complete bydate archive; validation is carved out of train.
-FULL_SPLIT_SIZES: dict[str, int] = {"train+validation": 11314, "test": 7532}
+from pipeline.errors import PipelineError
 
 
 class Documents(pa.DataFrameModel):
     """The documents table written by `fetch`: one row per post."""
 
-    id: Series[str] = pa.Field(unique=True, str_matches=r"^(train|test)/[^/]+/[^/]+$")
+    id: Series[str] = pa.Field(unique=True, str_matches=DOCUMENT_ID_PATTERN)
     split: Series[str] = pa.Field(isin=list(SPLITS))
-    label: Series[int] = pa.Field(ge=0, le=len(GROUPS) - 1)
+    label: Series[int] = pa.Field(ge=0, le=NUM_CLASSES - 1)
     label_name: Series[str] = pa.Field(isin=list(GROUPS))
     text: Series[str] = pa.Field(str_length={"min_value": 1})
 
@@ -135,52 +119,30 @@ class TokenizedSplit(pa.DataFrameModel):
     """One split of the `tokenize` output, without its token lists (checked separately)."""
 
     id: Series[str] = pa.Field(unique=True)
-    label: Series[int] = pa.Field(ge=0, le=len(GROUPS) - 1)
+    label: Series[int] = pa.Field(ge=0, le=NUM_CLASSES - 1)
     length: Series[pa.Int32] = pa.Field(ge=0)
 
     class Config:
         strict = "filter"
 
 
-# Prediction tables: what a model stage hands to `calibrate` and `evaluate`.
-NUM_CLASSES = len(GROUPS)
-PREDICTION_SPLITS: tuple[str, ...] = ("validation", "test")
-LOGIT_COLUMNS: tuple[str, ...] = tuple(f"logit_{j}" for j in range(NUM_CLASSES))
-PROB_COLUMNS: tuple[str, ...] = tuple(f"p_{j}" for j in range(NUM_CLASSES))
-PROB_ATOL = 1e-6  # how far a probability may stray outside [0, 1], or a row sum from 1
+# Prediction tables: what a model stage hands to `calibrate` and `evaluate`. Their per-class
+# columns (logit_0 .. logit_19, p_0 .. p_19) are generated from the class list.
 
 
-class Predictions(pa.DataFrameModel):
-    """``data/predictions/<model>/predictions.parquet``: one row per validation/test document.
+def _with_class_columns(
+    name: str, keys: type[pa.DataFrameModel], columns: tuple[str, ...], doc: str | None
+) -> type[pa.DataFrameModel]:
+    """``keys`` followed by one float64 column per class, in class order: the model pandera
+    sees is the same as one with every column typed out, without 20 lines to keep in step."""
+    annotations = dict.fromkeys(columns, Series[pa.Float64])
+    return type(name, (keys,), {"__annotations__": annotations, "__doc__": doc})
 
-    ``logit_j`` are unnormalised scores whose softmax is the model's probability of class
-    ``j`` (a linear model's decision function, a network's last layer). Calibrators are
-    fitted on the validation rows; only the test rows are scored.
-    """
 
-    id: Series[str] = pa.Field(unique=True, str_matches=r"^(train|test)/[^/]+/[^/]+$")
+class _PredictionKeys(pa.DataFrameModel):
+    id: Series[str] = pa.Field(unique=True, str_matches=DOCUMENT_ID_PATTERN)
     split: Series[str] = pa.Field(isin=list(PREDICTION_SPLITS))
     label: Series[pa.Int64] = pa.Field(ge=0, le=NUM_CLASSES - 1)
-    logit_0: Series[pa.Float64]
-    logit_1: Series[pa.Float64]
-    logit_2: Series[pa.Float64]
-    logit_3: Series[pa.Float64]
-    logit_4: Series[pa.Float64]
-    logit_5: Series[pa.Float64]
-    logit_6: Series[pa.Float64]
-    logit_7: Series[pa.Float64]
-    logit_8: Series[pa.Float64]
-    logit_9: Series[pa.Float64]
-    logit_10: Series[pa.Float64]
-    logit_11: Series[pa.Float64]
-    logit_12: Series[pa.Float64]
-    logit_13: Series[pa.Float64]
-    logit_14: Series[pa.Float64]
-    logit_15: Series[pa.Float64]
-    logit_16: Series[pa.Float64]
-    logit_17: Series[pa.Float64]
-    logit_18: Series[pa.Float64]
-    logit_19: Series[pa.Float64]
 
     class Config:
         strict = True
@@ -195,31 +157,23 @@ class Predictions(pa.DataFrameModel):
         return df["id"].str.startswith("test/") == (df["split"] == "test")
 
 
-class Probabilities(pa.DataFrameModel):
-    """Calibrated (or plain softmax) probabilities of one model on one split, per document."""
+Predictions = _with_class_columns(
+    "Predictions",
+    _PredictionKeys,
+    LOGIT_COLUMNS,
+    """``data/predictions/<model>/predictions.parquet``: one row per validation/test document.
 
+    ``id``, ``split``, ``label`` and ``logit_0`` .. ``logit_19``: unnormalised scores whose
+    softmax is the model's probability of class ``j`` (a linear model's decision function,
+    a network's last layer). Calibrators are fitted on the validation rows; only the test
+    rows are scored.
+    """,
+)
+
+
+class _ProbabilityKeys(pa.DataFrameModel):
     id: Series[str] = pa.Field(unique=True)
     label: Series[pa.Int64] = pa.Field(ge=0, le=NUM_CLASSES - 1)
-    p_0: Series[pa.Float64]
-    p_1: Series[pa.Float64]
-    p_2: Series[pa.Float64]
-    p_3: Series[pa.Float64]
-    p_4: Series[pa.Float64]
-    p_5: Series[pa.Float64]
-    p_6: Series[pa.Float64]
-    p_7: Series[pa.Float64]
-    p_8: Series[pa.Float64]
-    p_9: Series[pa.Float64]
-    p_10: Series[pa.Float64]
-    p_11: Series[pa.Float64]
-    p_12: Series[pa.Float64]
-    p_13: Series[pa.Float64]
-    p_14: Series[pa.Float64]
-    p_15: Series[pa.Float64]
-    p_16: Series[pa.Float64]
-    p_17: Series[pa.Float64]
-    p_18: Series[pa.Float64]
-    p_19: Series[pa.Float64]
 
     class Config:
         strict = True
@@ -234,10 +188,19 @@ class Probabilities(pa.DataFrameModel):
         return (df[list(PROB_COLUMNS)].sum(axis=1) - 1.0).abs() <= PROB_ATOL
 
 
+Probabilities = _with_class_columns(
+    "Probabilities",
+    _ProbabilityKeys,
+    PROB_COLUMNS,
+    """Calibrated (or plain softmax) probabilities of one model on one split, per document:
+    ``id``, ``label`` and ``p_0`` .. ``p_19``.""",
+)
+
+
 class MetricsRow(pa.DataFrameModel):
     """One row of the evaluate stage's summary: a model, before or after calibration."""
 
-    model: Series[str] = pa.Field(str_matches=r"^[A-Za-z0-9_.-]+$")
+    model: Series[str] = pa.Field(str_matches=NAME_PATTERN)
     variant: Series[str] = pa.Field(isin=["uncalibrated", "calibrated"])
     n: Series[int] = pa.Field(ge=1)
     accuracy: Series[float] = pa.Field(ge=0, le=1)

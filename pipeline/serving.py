@@ -7,9 +7,16 @@ prediction needs, so a registered version answers on its own: the ``tokenize``
 tokenizer, the classifier (weights + ``config.json``), the wide model (IDF + weights),
 ``blend.json``, the calibrator (JSON) and ``serving.json`` (class names, the long-document
 settings the classifier was trained with). A text is tokenized whole without special
-tokens, then chunked exactly like the fine-tuning collator does
-(:class:`pipeline.encoder.data.ClassifyCollator`) and bagged exactly like the ``wide`` stage does
-(:class:`pipeline.bag.WideModel`), so served logits equal the pipeline's ``blend`` logits.
+tokens, then chunked by the fine-tuning collator
+(:class:`pipeline.encoder.collate.ClassifyCollator`) and scored by the loop that wrote the
+``finetune`` predictions (:func:`pipeline.encoder.inference.predict_logits`), and bagged
+exactly like the ``wide`` stage does (:class:`pipeline.bag.WideModel`), so served logits
+equal the pipeline's ``blend`` logits.
+
+Serving imports neither Lightning, pandera nor torchmetrics (training and validation
+tools): the registered model's requirements are derived from what it imports
+(:mod:`pipeline.served_requirements`), so every such import would be one more dependency
+to install wherever the model is served.
 
 The model is logged as code (:mod:`pipeline.served_model`, MLflow "models from code"),
 never as a pickle. The pure pieces (:func:`validate_texts`, :class:`Scorer`,
@@ -31,13 +38,13 @@ import mlflow.pyfunc
 import numpy as np
 import pandas as pd
 
+from pipeline.domain import GROUPS, special_token_mismatch
 from pipeline.errors import PipelineError
-from pipeline.schemas import GROUPS
 
-if TYPE_CHECKING:  # torch, lightning and scikit-learn load only when a model does
+if TYPE_CHECKING:  # torch and scikit-learn load only when a model does
     from pipeline.bag import WideModel
     from pipeline.calibration import Calibrator
-    from pipeline.encoder.data import ClassifyCollator
+    from pipeline.encoder.collate import ClassifyCollator
     from pipeline.encoder.model import Classifier
 
 TEXT_COLUMN = "text"
@@ -163,15 +170,13 @@ class Scorer:
 
         from pipeline.bag import WideModel
         from pipeline.calibration import Calibrator
-        from pipeline.encoder.data import SPECIAL_TOKENS, ClassifyCollator
+        from pipeline.encoder.collate import ClassifyCollator
         from pipeline.encoder.model import Classifier, ModelParams, load_model_files
 
         tokenizer = Tokenizer.from_file(str(files.tokenizer))
-        for token, expected in SPECIAL_TOKENS.items():
-            if tokenizer.token_to_id(token) != expected:
-                raise PipelineError(
-                    f"{files.tokenizer}: special token {token} is not id {expected}"
-                )
+        mismatch = special_token_mismatch(tokenizer)
+        if mismatch:
+            raise PipelineError(f"{files.tokenizer}: {mismatch}")
         vocab = tokenizer.get_vocab_size()
         groups = tuple(config["groups"])
         weights = read_blend(files.blend)
@@ -224,20 +229,19 @@ class Scorer:
         return [np.asarray(e.ids, dtype=np.int32) for e in encodings]
 
     def encoder_logits(self, tokens: list[np.ndarray]) -> np.ndarray:
-        """The ``transformer`` model's float64 logits, batched like ``finetune`` predicts."""
-        import torch
-
-        from pipeline.encoder.data import Example
-        from pipeline.encoder.model import model_inputs
+        """The ``transformer`` model's float64 logits, batched like ``finetune`` predicts
+        and computed by the same loop."""
+        from pipeline.encoder.collate import Example
+        from pipeline.encoder.inference import predict_logits
 
         assert self.encoder is not None and self.collate is not None
-        out = []
-        with torch.inference_mode():
-            for start in range(0, len(tokens), self.batch_size):
-                part = tokens[start : start + self.batch_size]
-                batch = self.collate([Example(i, t, 0) for i, t in enumerate(part)])
-                out.append(self.encoder(**model_inputs(batch)).double().numpy())
-        return np.concatenate(out)
+        examples = [Example(i, t, 0) for i, t in enumerate(tokens)]
+        batches = (
+            self.collate(examples[start : start + self.batch_size])
+            for start in range(0, len(examples), self.batch_size)
+        )
+        _, logits = predict_logits(self.encoder, batches)
+        return logits
 
     def logits(self, texts: Sequence[str]) -> np.ndarray:
         """Uncalibrated float64 blend logits (n, k): ``sum_m w_m * logits_m``."""

@@ -13,8 +13,8 @@ import time
 from pathlib import Path
 
 from pipeline.config import compose
+from pipeline.domain import GROUPS
 from pipeline.io import sha256_file
-from pipeline.schemas import GROUPS
 
 ROOT = Path(__file__).resolve().parent.parent
 GIT_ENV = {

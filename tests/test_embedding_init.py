@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from pipeline.config import read_params
-from pipeline.encoder.data import N_SPECIAL, DocumentTokens
+from pipeline.domain import N_SPECIAL
+from pipeline.encoder.data import DocumentTokens
 from pipeline.encoder.embedding_init import init_embedding, install_vectors, lsa_vectors, occurring
 from pipeline.encoder.model import ModelParams
 from pipeline.stages.pretrain import PretrainParams, initial_model

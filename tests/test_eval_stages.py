@@ -13,6 +13,7 @@ import yaml
 
 from pipeline.calibration import TemperatureScaling, softmax
 from pipeline.config import compose, load_section
+from pipeline.domain import GROUPS, LOGIT_COLUMNS
 from pipeline.errors import PipelineError
 from pipeline.predictions import (
     check_against_documents,
@@ -20,7 +21,7 @@ from pipeline.predictions import (
     split_arrays,
     validate_probabilities,
 )
-from pipeline.schemas import GROUPS, LOGIT_COLUMNS, MetricsRow, Predictions, validate
+from pipeline.schemas import MetricsRow, Predictions, validate
 from pipeline.stages.baseline import BaselineParams, fit, logits_for
 from pipeline.stages.calibrate import CalibrateParams, calibrate_model
 from pipeline.stages.evaluate import (

@@ -10,8 +10,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from pipeline.domain import FULL_SPLIT_SIZES, GROUPS
 from pipeline.errors import PipelineError
-from pipeline.schemas import FULL_SPLIT_SIZES, GROUPS, Documents, validate
+from pipeline.schemas import Documents, validate
 from pipeline.stages import fetch
 from pipeline.stages.fetch import (
     DataParams,

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.domain import GROUPS
 from pipeline.io import sha256_file
-from pipeline.schemas import GROUPS
 from tests.helpers import (
     add_bytes,
     archive_overrides,

@@ -7,20 +7,9 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from pipeline.encoder.data import (
-    CLS_ID,
-    IGNORE,
-    MASK_ID,
-    N_SPECIAL,
-    PAD_ID,
-    SEP_ID,
-    ClassifyCollator,
-    Example,
-    LMCollator,
-    mask_tokens,
-    next_token_labels,
-    split_document,
-)
+from pipeline.domain import CLS_ID, MASK_ID, N_SPECIAL, PAD_ID, SEP_ID
+from pipeline.encoder.collate import ClassifyCollator, Example, split_document
+from pipeline.encoder.data import IGNORE, LMCollator, mask_tokens, next_token_labels
 from pipeline.encoder.model import (
     Classifier,
     Encoder,

@@ -11,7 +11,7 @@ from matplotlib.image import imread
 
 from pipeline import metrics as M
 from pipeline import plots as P
-from pipeline.schemas import GROUPS
+from pipeline.domain import GROUPS
 
 CLASS_NAMES = list(GROUPS)
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -26,9 +26,9 @@ import yaml
 from mlflow import MlflowClient
 
 from pipeline.calibration import fit_calibrator
+from pipeline.domain import GROUPS, LOGIT_COLUMNS
 from pipeline.encoder.model import ModelParams
 from pipeline.encoder.training import TrainerParams
-from pipeline.schemas import GROUPS, LOGIT_COLUMNS
 from pipeline.serving import (
     Scorer,
     ServedFiles,
@@ -208,6 +208,29 @@ def scorer(project: Path) -> Scorer:
     return Scorer.load(files(project), config)
 
 
+@pytest.fixture(scope="module")
+def derived(project: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, list[str]]:
+    """What a clean interpreter imports to load the served model from the project's files
+    and predict, and the requirements derived from it (what register logs)."""
+    from pipeline.encoder.model import load_model_files
+    from pipeline.served_requirements import distributions_of, pin, served_modules
+
+    serving_file = tmp_path_factory.mktemp("served") / "serving.json"
+    config = serving_config(load_model_files(project / "data/models/classifier")[0], 8)
+    serving_file.write_text(json.dumps(config), encoding="utf-8")
+    f = files(project)
+    artifacts = {
+        "tokenizer": str(f.tokenizer),
+        "classifier": str(f.classifier),
+        "wide": str(f.wide),
+        "blend": str(f.blend),
+        "calibrator": str(f.calibrator),
+        "serving": str(serving_file),
+    }
+    modules = served_modules(artifacts)
+    return modules, pin(distributions_of(modules))
+
+
 def split_logits(project: Path, model: str, split: str) -> np.ndarray:
     preds = pd.read_parquet(project / f"data/predictions/{model}/predictions.parquet")
     return preds[preds["split"] == split].sort_values("id")[list(LOGIT_COLUMNS)].to_numpy()
@@ -269,6 +292,24 @@ def test_scorer_reproduces_the_pipeline_blend_logits(project: Path) -> None:
     assert (frame["predicted_id"] == blend.argmax(1)).all()
 
 
+def test_served_requirements_are_what_loading_the_model_imports(derived: tuple) -> None:
+    """Loading and predicting needs torch, tokenizers and scikit-learn, never the training
+    and validation libraries; each requirement is pinned to requirements.lock."""
+    from pipeline.served_requirements import locked_versions
+
+    modules, requirements = derived
+    loaded = {m.split(".")[0] for m in modules}
+    assert {"torch", "tokenizers", "sklearn", "safetensors", "mlflow"} <= loaded
+    assert not loaded & {"lightning", "pandera", "torchmetrics"}
+    pins = dict(r.split("==") for r in requirements)
+    assert len(pins) == len(requirements) and list(pins) == sorted(pins)
+    needed = {"mlflow", "torch", "tokenizers", "safetensors", "numpy", "scipy", "scikit-learn"}
+    assert needed <= set(pins)
+    assert not set(pins) & {"lightning", "lightning-utilities", "pandera", "torchmetrics"}
+    locked = locked_versions()
+    assert {name: locked[name] for name in pins} == pins
+
+
 def test_a_served_blend_must_be_of_models_serving_can_compute(tmp_path: Path) -> None:
     from pipeline.errors import PipelineError
     from pipeline.serving import read_blend
@@ -295,7 +336,9 @@ print(out.to_json(orient="split"))
 """
 
 
-def test_register_logs_a_run_and_a_registry_version(registered: dict, store: str) -> None:
+def test_register_logs_a_run_and_a_registry_version(
+    registered: dict, store: str, derived: tuple
+) -> None:
     assert registered["registered"] is True
     assert registered["model_name"] == NAME and registered["version"] == 1
     assert registered["model_uri"] == f"models:/{NAME}/1"
@@ -334,6 +377,8 @@ def test_register_logs_a_run_and_a_registry_version(registered: dict, store: str
     assert (logged / "served_model.py").is_file() and not list(logged.rglob("*.pkl"))
     requirements = (logged / "requirements.txt").read_text().splitlines()
     assert "torch==2.13.0" in requirements  # pinned from requirements.lock
+    # exactly what loading the model imports (not a hand-written list)
+    assert sorted(r for r in requirements if r and not r.startswith("#")) == sorted(derived[1])
 
 
 def test_registered_model_predicts_raw_text_in_a_fresh_process(

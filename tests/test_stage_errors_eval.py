@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from pipeline.schemas import LOGIT_COLUMNS
+from pipeline.domain import LOGIT_COLUMNS
 from tests.helpers import (
     archive_overrides,
     assert_failed_cleanly,

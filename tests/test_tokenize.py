@@ -7,12 +7,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from pipeline.domain import CLS_ID, SEP_ID, SPECIAL_TOKENS, UNK_ID
 from pipeline.stages.fetch import parse_archive
 from pipeline.stages.tokenize import (
-    CLS_ID,
-    SEP_ID,
-    SPECIAL_TOKENS,
-    UNK_ID,
     TokenizerParams,
     encode_split,
     split_stats,

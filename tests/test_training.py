@@ -15,13 +15,9 @@ import pytest
 import torch
 import yaml
 
-from pipeline.encoder.data import (
-    ClassifyCollator,
-    LMCollator,
-    TokenizedDataModule,
-    load_splits,
-    load_vocab_size,
-)
+from pipeline.domain import GROUPS, LOGIT_COLUMNS, SPECIAL_TOKENS
+from pipeline.encoder.collate import ClassifyCollator
+from pipeline.encoder.data import LMCollator, TokenizedDataModule, load_splits, load_vocab_size
 from pipeline.encoder.model import Classifier, LanguageModel, ModelParams
 from pipeline.encoder.training import (
     ClassifierModule,
@@ -35,7 +31,7 @@ from pipeline.encoder.training import (
     param_groups,
 )
 from pipeline.errors import PipelineError, run_stage
-from pipeline.schemas import GROUPS, LOGIT_COLUMNS, Predictions
+from pipeline.schemas import Predictions
 from pipeline.stages.finetune import (
     FinetuneParams,
     build_classifier,
@@ -45,7 +41,6 @@ from pipeline.stages.pretrain import PretrainParams
 from pipeline.stages.pretrain import run as pretrain
 
 ROOT = Path(__file__).resolve().parent.parent
-SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 VOCAB = 64
 SIZES = {"train": 200, "validation": 60, "test": 60}
 TIMING_KEYS = {"train_minutes", "train_tokens_per_second"}
@@ -67,8 +62,8 @@ def build_tiny_corpus(root: Path, seed: int = 0) -> None:
     from tokenizers import Tokenizer, models
 
     rng = np.random.default_rng(seed)
-    vocab = {t: i for i, t in enumerate(SPECIALS)}
-    vocab |= {f"w{i}": i for i in range(len(SPECIALS), VOCAB)}
+    vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS)}
+    vocab |= {f"w{i}": i for i in range(len(SPECIAL_TOKENS), VOCAB)}
     (root / "data/tokenizer").mkdir(parents=True)
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tokenizer.save(str(root / "data/tokenizer/tokenizer.json"))

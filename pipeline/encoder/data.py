@@ -1,4 +1,4 @@
-"""Reading the ``tokenize`` artifacts, and the collators that turn documents into batches.
+"""Reading the ``tokenize`` artifacts, the LM collator and the Lightning datamodule.
 
 ``data/tokenized/`` is a ``datasets.DatasetDict`` (train/validation/test) of whole
 documents: ``id`` (str), ``label`` (int64), ``input_ids`` (int32, no special tokens, no
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, NamedTuple
+from typing import Literal
 
 import lightning.pytorch as L
 import numpy as np
@@ -25,22 +25,11 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from pipeline.domain import MASK_ID, N_SPECIAL, SPLITS, special_token_mismatch
+from pipeline.encoder.collate import ClassifyCollator, Example, pad_sequences, wrap
 from pipeline.errors import PipelineError
 
-PAD_ID, UNK_ID, CLS_ID, SEP_ID, MASK_ID = 0, 1, 2, 3, 4
-# Fixed by the tokenize stage; load_vocab_size checks the tokenizer file agrees.
-SPECIAL_TOKENS = {
-    "[PAD]": PAD_ID,
-    "[UNK]": UNK_ID,
-    "[CLS]": CLS_ID,
-    "[SEP]": SEP_ID,
-    "[MASK]": MASK_ID,
-}
-N_SPECIAL = 5  # ids below this are never masked, predicted or drawn as random replacements
-SPLITS = ("train", "validation", "test")
 IGNORE = -100  # label of positions that carry no MLM loss
-
-LongDoc = Literal["chunk", "head_tail", "head"]
 
 
 def load_vocab_size(tokenizer_path: str | Path) -> int:
@@ -51,19 +40,10 @@ def load_vocab_size(tokenizer_path: str | Path) -> int:
     if not path.is_file():
         raise PipelineError(f"{path}: tokenizer not found (run the tokenize stage)")
     tok = Tokenizer.from_file(str(path))
-    for token, expected in SPECIAL_TOKENS.items():
-        if tok.token_to_id(token) != expected:
-            raise PipelineError(
-                f"{path}: special token {token} has id {tok.token_to_id(token)}, expected "
-                f"{expected}"
-            )
+    mismatch = special_token_mismatch(tok)
+    if mismatch:
+        raise PipelineError(f"{path}: {mismatch}")
     return tok.get_vocab_size()
-
-
-class Example(NamedTuple):
-    index: int
-    tokens: np.ndarray  # int32, the whole document without special tokens
-    label: int
 
 
 class DocumentTokens(Dataset[Example]):
@@ -134,20 +114,6 @@ def _generator(seed: int | None, batch: list[Example]) -> torch.Generator | None
     return torch.Generator().manual_seed(seed * 1_000_003 + batch[0].index)
 
 
-def pad_sequences(seqs: list[np.ndarray]) -> tuple[Tensor, Tensor]:
-    """Right-pad int sequences into (input_ids int64, attention_mask bool)."""
-    lengths = torch.tensor([len(s) for s in seqs])
-    ids = torch.full((len(seqs), int(lengths.max())), PAD_ID, dtype=torch.long)
-    for row, seq in enumerate(seqs):
-        ids[row, : len(seq)] = torch.from_numpy(np.asarray(seq, dtype=np.int64))
-    return ids, torch.arange(ids.shape[1])[None, :] < lengths[:, None]
-
-
-def wrap(body: np.ndarray) -> np.ndarray:
-    """``[CLS] body [SEP]``."""
-    return np.concatenate(([CLS_ID], body, [SEP_ID])).astype(np.int64)
-
-
 def mask_tokens(
     input_ids: Tensor, vocab_size: int, rate: float, generator: torch.Generator | None = None
 ) -> tuple[Tensor, Tensor]:
@@ -204,65 +170,6 @@ class LMCollator:
             return {"input_ids": ids, "attention_mask": attention_mask, "labels": labels}
         masked, labels = mask_tokens(ids, self.vocab_size, self.mask_rate, gen)
         return {"input_ids": masked, "attention_mask": attention_mask, "labels": labels}
-
-
-def split_document(
-    tokens: np.ndarray, strategy: LongDoc, body_len: int, max_chunks: int, head_fraction: float
-) -> list[np.ndarray]:
-    """The token bodies (without [CLS]/[SEP]) the classifier sees for one document.
-
-    ``chunk``: consecutive chunks of ``body_len`` tokens, at most ``max_chunks``; when the
-    document fits in ``max_chunks`` chunks the last one is aligned to the document's end
-    (overlapping its neighbour) so no chunk is a short stub. ``head_tail``: the first
-    ``head_fraction`` of the budget from the start and the rest from the end.
-    ``head``: the first ``body_len`` tokens. A document never yields zero sequences.
-    """
-    n = len(tokens)
-    if n <= body_len:
-        return [tokens]
-    if strategy == "head":
-        return [tokens[:body_len]]
-    if strategy == "head_tail":
-        n_head = round(body_len * head_fraction)
-        return [np.concatenate((tokens[:n_head], tokens[n - (body_len - n_head) :]))]
-    n_chunks = -(-n // body_len)
-    if n_chunks > max_chunks:
-        return [tokens[i * body_len : (i + 1) * body_len] for i in range(max_chunks)]
-    starts = [i * body_len for i in range(n_chunks - 1)] + [n - body_len]
-    return [tokens[s : s + body_len] for s in starts]
-
-
-@dataclass
-class ClassifyCollator:
-    """Documents to chunk batches for :class:`pipeline.encoder.model.Classifier`.
-
-    Returns ``input_ids``/``attention_mask`` (N chunks, T), ``chunk_mask`` (B docs, C),
-    True where document b has chunk c (chunks are listed in that row-major order),
-    ``labels`` (B,) and ``index`` (B,), the documents' row numbers in their split.
-    """
-
-    max_len: int
-    strategy: LongDoc = "chunk"
-    max_chunks: int = 4
-    head_fraction: float = 0.25
-
-    def __call__(self, batch: list[Example]) -> dict[str, Tensor]:
-        per_doc = [
-            split_document(
-                ex.tokens, self.strategy, self.max_len - 2, self.max_chunks, self.head_fraction
-            )
-            for ex in batch
-        ]
-        ids, attention_mask = pad_sequences([wrap(c) for chunks in per_doc for c in chunks])
-        counts = torch.tensor([len(c) for c in per_doc])
-        chunk_mask = torch.arange(int(counts.max()))[None, :] < counts[:, None]
-        return {
-            "input_ids": ids,
-            "attention_mask": attention_mask,
-            "chunk_mask": chunk_mask,
-            "labels": torch.tensor([ex.label for ex in batch], dtype=torch.long),
-            "index": torch.tensor([ex.index for ex in batch], dtype=torch.long),
-        }
 
 
 class EpochShuffle(torch.utils.data.Sampler[int]):

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from pipeline.bag import count_matrix, tfidf
-from pipeline.encoder.data import N_SPECIAL
+from pipeline.domain import N_SPECIAL
 
 EmbeddingInit = Literal["none", "lsa"]
 

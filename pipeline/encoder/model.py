@@ -5,7 +5,7 @@ the same weights move between pretraining (:class:`LanguageModel`) and fine-tuni
 (:class:`Classifier`) through one ``state_dict`` prefix (``encoder.``).
 
 How the classifier sees a long document (``finetune.long_doc``, implemented by the
-collator in :mod:`pipeline.encoder.data`; the model only pools):
+collator in :mod:`pipeline.encoder.collate`; the model only pools):
 
 - ``chunk``: the document is cut into consecutive chunks of ``max_len - 2`` tokens, each
   wrapped in ``[CLS] ... [SEP]`` and encoded independently (at most ``max_chunks`` per

@@ -43,6 +43,7 @@ from torch.utils.data import DataLoader
 
 from pipeline import paths
 from pipeline.config import Section
+from pipeline.encoder import inference
 from pipeline.encoder.model import Classifier, LanguageModel, model_inputs, save_model
 from pipeline.errors import PipelineError
 from pipeline.io import Outputs, sha256_file, write_json
@@ -633,24 +634,18 @@ def write_training_outputs(
     write_json(out.file(report), result)
 
 
-@torch.inference_mode()
 def predict_logits(
     model: Classifier, loader: DataLoader, device: torch.device, precision: Precision
 ) -> tuple[np.ndarray, np.ndarray]:
     """(row indices, float64 logits) for every document of ``loader``, in one process.
 
     Prediction happens once, after training, outside Lightning's distributed loop, so
-    no sampler pads or splits the split across ranks.
+    no sampler pads or splits the split across ranks. It runs on a copy, so the trained
+    model stays where Lightning left it; the loop is the served model's
+    (:func:`pipeline.encoder.inference.predict_logits`).
     """
     model = copy.deepcopy(model).to(device).eval()
-    dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
-    indices, logits = [], []
-    for batch in loader:
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            out = model(**model_inputs(batch, device))
-        indices.append(batch["index"].numpy())
-        logits.append(out.double().cpu().numpy())
-    return np.concatenate(indices), np.concatenate(logits)
+    return inference.predict_logits(model, loader, device, precision)
 
 
 @rank_zero_only

@@ -26,10 +26,11 @@ from pydantic import Field
 
 from pipeline import paths
 from pipeline.config import Section, load_section, load_seed
+from pipeline.domain import GROUPS, LOGIT_COLUMNS, PREDICTION_SPLITS
 from pipeline.errors import PipelineError, run_stage
 from pipeline.io import atomic_outputs, sha256_file, write_json
 from pipeline.predictions import make_table, predictions_path, write_predictions
-from pipeline.schemas import GROUPS, PREDICTION_SPLITS, Documents, Predictions, validate
+from pipeline.schemas import Documents, Predictions, validate
 from pipeline.tracking import StageRun, split_report
 
 MODEL = "baseline"
@@ -129,7 +130,7 @@ def main() -> None:
         str(predictions_path(MODEL)),
     )
     val = table[table["split"] == "validation"]
-    val_pred = val[[f"logit_{j}" for j in range(len(GROUPS))]].to_numpy().argmax(axis=1)
+    val_pred = val[list(LOGIT_COLUMNS)].to_numpy().argmax(axis=1)
     report = {
         "model": "tfidf+logistic_regression",
         "train_documents": len(train),

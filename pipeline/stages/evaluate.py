@@ -43,6 +43,7 @@ from pydantic import Field
 from pipeline import paths, plots
 from pipeline.calibration import Calibrator, softmax
 from pipeline.config import Section, load_section, load_seed
+from pipeline.domain import GROUPS
 from pipeline.errors import PipelineError, run_stage
 from pipeline.io import atomic_outputs, write_json
 from pipeline.metrics import N_BINS, summarize
@@ -53,7 +54,7 @@ from pipeline.predictions import (
     split_arrays,
     validate_probabilities,
 )
-from pipeline.schemas import GROUPS, MetricsRow, validate
+from pipeline.schemas import MetricsRow, validate
 from pipeline.tracking import StageRun
 
 VARIANTS = ("uncalibrated", "calibrated")

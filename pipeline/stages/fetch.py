@@ -38,9 +38,10 @@ from tqdm import tqdm
 
 from pipeline import paths
 from pipeline.config import Section, load_section, load_seed
+from pipeline.domain import FULL_SPLIT_SIZES, GROUPS, SPLITS
 from pipeline.errors import PipelineError, run_stage
 from pipeline.io import atomic_outputs, digest_strings, sha256_file, write_json
-from pipeline.schemas import FULL_SPLIT_SIZES, GROUPS, SPLITS, Documents, validate
+from pipeline.schemas import Documents, validate
 from pipeline.tracking import StageRun, split_report
 
 ENV_ARCHIVE = "NEWSGROUPS_ARCHIVE"

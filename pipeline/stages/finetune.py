@@ -25,14 +25,9 @@ import pandas as pd
 from pydantic import Field
 
 from pipeline import paths
-from pipeline.encoder.data import (
-    ClassifyCollator,
-    DocumentTokens,
-    LongDoc,
-    TokenizedDataModule,
-    load_splits,
-    load_vocab_size,
-)
+from pipeline.domain import NUM_CLASSES, PREDICTION_SPLITS
+from pipeline.encoder.collate import ClassifyCollator, LongDoc
+from pipeline.encoder.data import DocumentTokens, TokenizedDataModule, load_splits, load_vocab_size
 from pipeline.encoder.model import (
     ChunkPooling,
     Classifier,
@@ -61,9 +56,7 @@ from pipeline.encoder.training import (
 from pipeline.errors import PipelineError, run_stage
 from pipeline.io import atomic_outputs
 from pipeline.predictions import make_table, split_scores
-from pipeline.schemas import GROUPS, PREDICTION_SPLITS, Predictions, validate
-
-N_CLASSES = len(GROUPS)
+from pipeline.schemas import Predictions, validate
 
 
 class FinetuneParams(TrainParams):
@@ -97,7 +90,7 @@ def build_classifier(
     model = Classifier(
         model_params,
         vocab_size,
-        N_CLASSES,
+        NUM_CLASSES,
         pooling=params.pooling,
         chunk_pooling=params.chunk_pooling,
         dropout=params.dropout,
@@ -157,7 +150,7 @@ def run(
         )
     L.seed_everything(seed, workers=True, verbose=False)
     vocab_size = load_vocab_size(tokenizer)
-    splits = load_splits(tokenized, vocab_size, N_CLASSES)
+    splits = load_splits(tokenized, vocab_size, NUM_CLASSES)
     model = build_classifier(model_params, params, vocab_size, pretrained)
     counts = parameter_counts(model)
     say(f"finetune: classifier ({params.init} encoder) with {format_parameter_counts(counts)}")
@@ -177,7 +170,7 @@ def run(
     module = ClassifierModule(
         model,
         params,
-        n_classes=N_CLASSES,
+        n_classes=NUM_CLASSES,
         label_smoothing=params.label_smoothing,
         freeze_epochs=params.freeze_epochs,
         layer_lr_decay=params.layer_lr_decay,
@@ -213,7 +206,7 @@ def run(
             model_params,
             vocab_size,
             architecture="Classifier",
-            n_classes=N_CLASSES,
+            n_classes=NUM_CLASSES,
             pooling=params.pooling,
             chunk_pooling=params.chunk_pooling,
             long_doc=params.long_doc,

@@ -27,6 +27,7 @@ import lightning.pytorch as L
 from pydantic import Field
 
 from pipeline import paths
+from pipeline.domain import GROUPS
 from pipeline.encoder.data import (
     DocumentTokens,
     LMCollator,
@@ -58,7 +59,6 @@ from pipeline.encoder.training import (
 )
 from pipeline.errors import run_stage
 from pipeline.io import atomic_outputs
-from pipeline.schemas import GROUPS
 
 
 class PretrainParams(TrainParams):

@@ -6,7 +6,8 @@ weights) and ``data/models/calibrator/blend.json`` (the blend's calibrator) and 
 them, with ``serving.json``, into the pyfunc model of :mod:`pipeline.serving` (raw text in,
 calibrated probabilities and the predicted newsgroup out). The model is logged as code
 (:mod:`pipeline.served_model`, MLflow "models from code": no pickle), with an input
-example, a signature and requirements pinned to ``requirements.lock``, in a run tagged
+example, a signature and the requirements of what it imports, pinned to
+``requirements.lock`` (:mod:`pipeline.served_requirements`), in a run tagged
 ``stage=register``, and registered under ``register.model_name`` (the production name)
 when ``register.production`` is true, else under ``<model_name>-<tracking.config>``
 (``newsgroups-classifier-smoke``): a smoke run never becomes a version of the production
@@ -29,7 +30,6 @@ import os
 import tempfile
 import time
 from collections.abc import Iterator
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,7 @@ from pipeline.config import ROOT, Section, load_section
 from pipeline.encoder.model import load_model_files
 from pipeline.errors import PipelineError, run_stage
 from pipeline.io import atomic_outputs, sha256_file, write_json
+from pipeline.served_requirements import pip_requirements
 from pipeline.serving import ServedFiles
 from pipeline.tracking import StageRun
 
@@ -52,26 +53,8 @@ FILES = ServedFiles(
     calibrator=paths.calibrator_file("blend"),
 )
 SERVED = "blend"  # the model of reports/metrics.json this stage serves
-LOCK_FILE = ROOT / "requirements.lock"
 ARTIFACT_NAME = "model"
 MODEL_CODE = ROOT / "pipeline" / "served_model.py"
-# What the served model imports; pinned to requirements.lock's versions when logged.
-REQUIREMENTS = (
-    "mlflow",
-    "torch",
-    "tokenizers",
-    "safetensors",
-    "numpy",
-    "scipy",
-    "pandas",
-    "pyarrow",
-    "pydantic",
-    "pyyaml",
-    "scikit-learn",
-    "lightning",
-    "torchmetrics",
-    "pandera",
-)
 THROUGHPUT_DOCS = 256  # test posts scored to measure documents/second
 
 
@@ -118,33 +101,6 @@ def version_description(
         f"Commit {tags['git_commit'][:12]}, config {tags['config']}{exp}. Raw text in "
         "(column `text`), calibrated probabilities of the 20 groups out."
     )
-
-
-def locked_versions(lock: Path = LOCK_FILE) -> dict[str, str]:
-    """``name -> version`` from requirements.lock (names normalised as pip does)."""
-    versions = {}
-    for line in lock.read_text(encoding="utf-8").splitlines():
-        if line and not line.startswith("#") and "==" in line:
-            name, ver = line.split("==", 1)
-            versions[name.strip().lower().replace("_", "-")] = ver.strip()
-    return versions
-
-
-def pip_requirements(lock: Path = LOCK_FILE) -> list[str]:
-    """The served model's requirements at the lock file's versions (this environment's
-    version for a package the lock does not list, e.g. in a development install)."""
-    locked = locked_versions(lock) if lock.is_file() else {}
-    pins = []
-    for name in REQUIREMENTS:
-        pinned = locked.get(name)
-        if pinned is None:
-            try:
-                pinned = version(name).split("+")[0]
-            except PackageNotFoundError:
-                pins.append(name)
-                continue
-        pins.append(f"{name}=={pinned}")
-    return pins
 
 
 def check_inputs(files: ServedFiles) -> dict[str, Any]:
@@ -267,7 +223,7 @@ def log_and_register(
                 python_model=str(MODEL_CODE),
                 artifacts=artifacts,
                 code_paths=[str(ROOT / "pipeline")],
-                pip_requirements=pip_requirements(),
+                pip_requirements=pip_requirements(artifacts),
                 signature=signature,
                 input_example=example,
                 registered_model_name=name,

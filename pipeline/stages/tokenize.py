@@ -24,14 +24,12 @@ from pydantic import Field
 
 from pipeline import paths
 from pipeline.config import Section, load_section
+from pipeline.domain import CLS_ID, SEP_ID, SPECIAL_TOKENS, SPLITS, UNK_ID, special_token_mismatch
 from pipeline.errors import PipelineError, run_stage
 from pipeline.io import atomic_outputs, digest_strings, sha256_file, write_json
-from pipeline.schemas import SPLITS, Documents, TokenizedSplit, validate
+from pipeline.schemas import Documents, TokenizedSplit, validate
 from pipeline.tracking import StageRun
 
-# Fixed ids: the model stages and the served model depend on them.
-SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
-PAD_ID, UNK_ID, CLS_ID, SEP_ID, MASK_ID = range(len(SPECIAL_TOKENS))
 PERCENTILES = (50, 90, 95, 99)
 
 
@@ -83,9 +81,9 @@ def train_tokenizer(texts: list[str], params: TokenizerParams):  # -> Tokenizer
 
     tok, trainer = new_tokenizer(params)
     tok.train_from_iterator(texts, trainer=trainer, length=len(texts))
-    for token, expected in zip(SPECIAL_TOKENS, range(len(SPECIAL_TOKENS)), strict=True):
-        if tok.token_to_id(token) != expected:  # pragma: no cover - guarded by tokenizers
-            raise PipelineError(f"tokenizer: special token {token} got id {tok.token_to_id(token)}")
+    mismatch = special_token_mismatch(tok)
+    if mismatch:  # pragma: no cover - guarded by tokenizers
+        raise PipelineError(f"tokenizer: {mismatch}")
     tok.post_processor = TemplateProcessing(
         single="[CLS] $A [SEP]",
         pair="[CLS] $A [SEP] $B:1 [SEP]:1",

@@ -24,10 +24,11 @@ from pydantic import Field
 from pipeline import paths
 from pipeline.bag import WideModel
 from pipeline.config import Section, load_section, load_seed
+from pipeline.domain import GROUPS, PREDICTION_SPLITS
 from pipeline.errors import run_stage
 from pipeline.io import atomic_outputs, write_json
 from pipeline.predictions import make_table, predictions_path, split_scores, write_predictions
-from pipeline.schemas import GROUPS, PREDICTION_SPLITS, Predictions, validate
+from pipeline.schemas import Predictions, validate
 from pipeline.tracking import StageRun, split_report
 
 MODEL = "wide"

@@ -30,10 +30,11 @@ import numpy as np
 import pandas as pd
 
 from pipeline.calibration import METHODS, fit_calibrator, select_auto, softmax
+from pipeline.domain import LOGIT_COLUMNS
 from pipeline.io import write_json
 from pipeline.metrics import accuracy, ece, ece_debiased, nll
 from pipeline.predictions import check_against_documents
-from pipeline.schemas import LOGIT_COLUMNS, Predictions, validate
+from pipeline.schemas import Predictions, validate
 from pipeline.stages.calibrate import CalibrateOptions
 
 OUT = Path("reports/bench/calibration.json")

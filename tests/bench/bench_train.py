@@ -45,7 +45,7 @@ def batches(p: ModelParams, n: int, batch_size: int) -> tuple[list[dict], int]:
         return [collate(docs[i * batch_size : (i + 1) * batch_size]) for i in range(n)], vocab
     vocab = 16000
     collate = LMCollator(p.max_len, vocab, seed=0)
-    from pipeline.encoder.data import Example
+    from pipeline.encoder.collate import Example
 
     gen = torch.Generator().manual_seed(0)
     docs = [
