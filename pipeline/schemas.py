@@ -139,14 +139,18 @@ def _with_class_columns(
     return type(name, (keys,), {"__annotations__": annotations, "__doc__": doc})
 
 
-class _PredictionKeys(pa.DataFrameModel):
-    id: Series[str] = pa.Field(unique=True, str_matches=DOCUMENT_ID_PATTERN)
-    split: Series[str] = pa.Field(isin=list(PREDICTION_SPLITS))
-    label: Series[pa.Int64] = pa.Field(ge=0, le=NUM_CLASSES - 1)
+class _StrictOrdered(pa.DataFrameModel):
+    """Exactly these columns, in this order: a table written in another shape is stale."""
 
     class Config:
         strict = True
         ordered = True
+
+
+class _PredictionKeys(_StrictOrdered):
+    id: Series[str] = pa.Field(unique=True, str_matches=DOCUMENT_ID_PATTERN)
+    split: Series[str] = pa.Field(isin=list(PREDICTION_SPLITS))
+    label: Series[pa.Int64] = pa.Field(ge=0, le=NUM_CLASSES - 1)
 
     @pa.check(r"^logit_\d+$", regex=True, error="logits must be finite")
     def finite(cls, s: Series[float]) -> Series[bool]:
@@ -171,13 +175,9 @@ Predictions = _with_class_columns(
 )
 
 
-class _ProbabilityKeys(pa.DataFrameModel):
+class _ProbabilityKeys(_StrictOrdered):
     id: Series[str] = pa.Field(unique=True)
     label: Series[pa.Int64] = pa.Field(ge=0, le=NUM_CLASSES - 1)
-
-    class Config:
-        strict = True
-        ordered = True
 
     @pa.check(r"^p_\d+$", regex=True, error="probabilities must lie in [0, 1]")
     def in_unit_interval(cls, s: Series[float]) -> Series[bool]:
