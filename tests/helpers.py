@@ -105,7 +105,9 @@ def run(cmd: list[str], cwd: Path, env: dict[str, str] | None = None, check: boo
 
 def run_stage(stage: str, cwd: Path, **env: str):
     """Run one stage module as DVC would, in ``cwd``; never raises on failure."""
-    return run([sys.executable, "-m", f"pipeline.stages.{stage}"], cwd, stage_env(**env), check=False)
+    return run(
+        [sys.executable, "-m", f"pipeline.stages.{stage}"], cwd, stage_env(**env), check=False
+    )
 
 
 def copy_project(dest: Path) -> Path:
