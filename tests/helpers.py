@@ -53,6 +53,18 @@ def default_section(name: str, **overrides: Any) -> Any:
     return section_class(name).model_validate(values)
 
 
+def params_with(**changes: Any) -> dict[str, Any]:
+    """The default config with some keys of some sections changed, for a params.yaml a
+    stage reads: ``params_with(seed=0, tracking={"enabled": False})``."""
+    params = default_params()
+    for name, value in changes.items():
+        if isinstance(value, dict):
+            params[name].update(value)
+        else:
+            params[name] = value
+    return params
+
+
 def make_post(group_index: int, k: int) -> str:
     """A small post with headers, a quoted reply, a latin-1 character and a signature."""
     topic = TOPIC_WORDS[group_index]

@@ -37,7 +37,14 @@ from pipeline.serving import (
 )
 from pipeline.stages.finetune import run as finetune
 from pipeline.stages.tokenize import train_tokenizer
-from tests.helpers import ROOT, default_section, make_post, stage_env, wait_for_http
+from tests.helpers import (
+    ROOT,
+    default_section,
+    make_post,
+    params_with,
+    stage_env,
+    wait_for_http,
+)
 
 NAME = "test-newsgroups"
 TEXTS = (
@@ -148,11 +155,11 @@ def build_project(root: Path) -> None:
         json.dumps({"blend": {"uncalibrated": headline, "calibrated": headline}}),
         encoding="utf-8",
     )
-    params = {
-        "seed": 0,
-        "tracking": {"enabled": True, "uri": None, "experiment": "newsgroups-pipeline"},
-        "register": {"model_name": NAME, "batch_size": 8},
-    }
+    params = params_with(
+        seed=0,
+        tracking={"enabled": True, "uri": None, "experiment": "newsgroups-pipeline"},
+        register={"model_name": NAME, "batch_size": 8},
+    )
     (root / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
 
 

@@ -43,7 +43,7 @@ from pipeline.stages.finetune import (
 from pipeline.stages.finetune import run as finetune
 from pipeline.stages.pretrain import PretrainParams
 from pipeline.stages.pretrain import run as pretrain
-from tests.helpers import default_section
+from tests.helpers import default_section, params_with
 
 ROOT = Path(__file__).resolve().parent.parent
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -491,13 +491,13 @@ def test_ddp_finetune_on_two_cpu_processes(corpus: Path, tmp_path: Path) -> None
     (tmp_path / "data").mkdir()
     for name in ("tokenizer", "tokenized"):
         (tmp_path / "data" / name).symlink_to(corpus / "data" / name)
-    params = {
-        "seed": 0,
-        "model": MODEL,
-        "finetune": {**FINETUNE, "batch_size": 8, "max_epochs": 6},
-        "trainer": {**TRAINER, "accelerator": "cpu", "devices": 2, "strategy": "ddp"},
-        "tracking": {"enabled": False},
-    }
+    params = params_with(
+        seed=0,
+        model=MODEL,
+        finetune={**FINETUNE, "batch_size": 8, "max_epochs": 6},
+        trainer={**TRAINER, "accelerator": "cpu", "devices": 2, "strategy": "ddp"},
+        tracking={"enabled": False},
+    )
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
@@ -528,13 +528,13 @@ def pretrain_workdir(corpus: Path, folder: Path, tracking: bool = False) -> Path
     for name in ("tokenizer", "tokenized"):
         (folder / "data" / name).symlink_to(corpus / "data" / name)
     pretrain = {**PRETRAIN, "max_steps": None, "max_epochs": 40, "val_every_steps": None}
-    params = {
-        "seed": 0,
-        "model": MODEL,
-        "pretrain": pretrain,
-        "trainer": {**TRAINER, "threads": 1},
-        "tracking": {"enabled": tracking},
-    }
+    params = params_with(
+        seed=0,
+        model=MODEL,
+        pretrain=pretrain,
+        trainer={**TRAINER, "threads": 1},
+        tracking={"enabled": tracking},
+    )
     (folder / "params.yaml").write_text(yaml.safe_dump(params))
     return folder
 
