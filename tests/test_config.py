@@ -119,12 +119,14 @@ def test_describe_prints_every_param_once(capsys: pytest.CaptureFixture[str]) ->
 )
 def test_conf_comments_are_group_headers_only(path: Path) -> None:
     """Keys are described once, by their Field(description=...), shown in README's table:
-    a conf/ file has a header comment about the group and no comment on single keys."""
-    lines = path.read_text(encoding="utf-8").splitlines()
-    body = lines[next(i for i, line in enumerate(lines) if not line.startswith("#")) :]
+    a conf/ file has a header comment about the group, ending with the pointer to that
+    table, and no comment on single keys."""
     if path.parent.name == "experiment":  # overrides: their comments say why, not what
         return
-    assert POINTER in lines[: len(lines) - len(body)], f"{path}: header lacks '{POINTER}'"
+    lines = path.read_text(encoding="utf-8").splitlines()
+    start = next(i for i, line in enumerate(lines) if not line.startswith("#"))
+    header, body = lines[:start], lines[start:]
+    assert header and header[-1] == POINTER, f"{path}: the header must end with '{POINTER}'"
     commented = [line for line in body if "#" in line]
     assert not commented, (
         f"{path}: per-key comments {commented}: describe the key in its section class's "
