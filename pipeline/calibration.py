@@ -53,7 +53,6 @@ METHODS: tuple[str, ...] = (
 )
 """The calibration methods :func:`select_auto` compares by default, simplest first."""
 
-DEFAULT_METHOD = "temperature"
 DEFAULT_EPS = 1e-6
 """Floor for one-vs-rest scores before renormalising, so no class gets probability 0."""
 

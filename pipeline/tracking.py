@@ -47,6 +47,7 @@ from typing import Any
 from pydantic import Field
 
 from pipeline.config import PARAMS_FILE, Section, load_section, read_params
+from pipeline.domain import NAME_PATTERN
 from pipeline.errors import PipelineError
 
 EXPERIMENT = "newsgroups-pipeline"
@@ -60,12 +61,17 @@ CurveSink = Callable[[Mapping[str, float], int], None]
 class TrackingParams(Section):
     """Section ``tracking`` of params.yaml (read by every stage, a DVC dep of none)."""
 
-    enabled: bool = True
-    uri: str | None = None
-    experiment: str = Field(default=EXPERIMENT, min_length=1)
-    # Name of the experiment config composed into params.yaml (conf/experiment/<name>.yaml
-    # sets it); shown in run names and registry tags.
-    config: str = Field(default="default", pattern=r"^[A-Za-z0-9_.-]+$")
+    enabled: bool = Field(description="Log runs to MLflow.")
+    uri: str | None = Field(
+        description="Tracking URI (null: $MLFLOW_TRACKING_URI, else the project's SQLite "
+        "store mlflow.db)."
+    )
+    experiment: str = Field(min_length=1, description="MLflow experiment the runs go to.")
+    config: str = Field(
+        pattern=NAME_PATTERN,
+        description="Name of the experiment config params.yaml was composed from: in run "
+        "names and the registry name of non-production registrations.",
+    )
 
 
 def project_root(cwd: Path, env: Mapping[str, str]) -> Path:
@@ -78,12 +84,13 @@ def project_root(cwd: Path, env: Mapping[str, str]) -> Path:
     return root
 
 
-def resolve_uri(params: TrackingParams, env: Mapping[str, str], cwd: Path) -> str:
-    """Tracking URI: environment, then param, then the project's SQLite store."""
+def resolve_uri(uri: str | None, env: Mapping[str, str], cwd: Path) -> str:
+    """Tracking URI: environment, then ``uri`` (tracking.uri), then the project's SQLite
+    store. Takes the URI alone so callers without a params file (predict) can use it."""
     if env.get("MLFLOW_TRACKING_URI"):
         return env["MLFLOW_TRACKING_URI"]
-    if params.uri:
-        return params.uri
+    if uri:
+        return uri
     return f"sqlite:///{project_root(cwd, env) / 'mlflow.db'}"
 
 
@@ -230,7 +237,7 @@ class StageRun:
         if not self.enabled:
             return
         env = dict(os.environ)
-        self.uri = resolve_uri(self.params, env, Path.cwd())
+        self.uri = resolve_uri(self.params.uri, env, Path.cwd())
         self.root = project_root(Path.cwd(), env)
         self._client = self._connect()
         self._tags = self._stage_tags()

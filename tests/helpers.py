@@ -1,7 +1,10 @@
-"""Builders shared by the tests: tiny bydate archives and throwaway project copies."""
+"""Builders shared by the tests: params sections, tiny bydate archives and throwaway
+project copies."""
 
 from __future__ import annotations
 
+import copy
+import functools
 import io
 import json
 import os
@@ -11,8 +14,11 @@ import sys
 import tarfile
 import time
 from pathlib import Path
+from typing import Any
 
-from pipeline.config import compose
+import yaml
+
+from pipeline.config import compose, section_class
 from pipeline.domain import GROUPS
 from pipeline.io import sha256_file
 
@@ -25,6 +31,38 @@ GIT_ENV = {
 }
 # Words that make each group's posts distinguishable, so tiny models can learn something.
 TOPIC_WORDS = [g.replace(".", " ").replace("-", " ") for g in GROUPS]
+
+
+@functools.cache
+def _default_params() -> dict[str, Any]:
+    return yaml.safe_load(compose())
+
+
+def default_params() -> dict[str, Any]:
+    """The default composition of conf/ (what params.yaml holds), a fresh copy each call."""
+    return copy.deepcopy(_default_params())
+
+
+def default_section(name: str, **overrides: Any) -> Any:
+    """Section ``name`` of the default config, validated, with ``overrides`` applied.
+
+    Section classes have no Python defaults (conf/ holds every value), so a test states
+    only the values it is about and takes the rest from conf/.
+    """
+    values = default_params()[name] | overrides
+    return section_class(name).model_validate(values)
+
+
+def params_with(**changes: Any) -> dict[str, Any]:
+    """The default config with some keys of some sections changed, for a params.yaml a
+    stage reads: ``params_with(seed=0, tracking={"enabled": False})``."""
+    params = default_params()
+    for name, value in changes.items():
+        if isinstance(value, dict):
+            params[name].update(value)
+        else:
+            params[name] = value
+    return params
 
 
 def make_post(group_index: int, k: int) -> str:

@@ -7,11 +7,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.config import compose, load_section, load_seed
+from pipeline import config
+from pipeline.config import compose, load_section, load_seed, validate_params
 from pipeline.errors import PipelineError
 from pipeline.stages.fetch import DataParams
 from pipeline.stages.tokenize import TokenizerParams
 from tests.helpers import ROOT
+
+POINTER = "# What each key does: README.md, Configuration > Params (`make params-doc`)."
 
 
 def test_params_yaml_matches_conf() -> None:
@@ -31,6 +34,104 @@ def test_every_section_of_the_default_config_validates() -> None:
     load_section("data", DataParams, ROOT / "params.yaml")
     load_section("tokenizer", TokenizerParams, ROOT / "params.yaml")
     assert load_seed(ROOT / "params.yaml") == 42
+    params = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
+    assert set(params) == {"seed", *config.SECTIONS}  # the registry names every section
+    validate_params(params, "params.yaml")
+
+
+def _group_options() -> list[str]:
+    """Every option of every conf/ group, as an override (experiments included)."""
+    return sorted(
+        f"{path.parent.name}={path.stem}"
+        for path in (ROOT / "conf").glob("*/*.yaml")
+        if len(list(path.parent.glob("*.yaml"))) > 1 or path.parent.name == "experiment"
+    )
+
+
+@pytest.mark.parametrize("override", _group_options())
+def test_every_group_option_validates(override: str) -> None:
+    validate_params(yaml.safe_load(compose([override])), override)
+
+
+def test_make_params_validates_every_section(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    out = tmp_path / "params.yaml"
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline.config", "finetune.lr=-1", "-o", str(out)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [
+        "error: conf/: overrides ['finetune.lr=-1']: finetune.lr=-1: Input should be greater than 0"
+    ]
+    assert not out.exists()
+    with pytest.raises(PipelineError, match=r"wide.C=0: Input should.*; gate.variant='x'"):
+        config.main(["wide.C=0", "gate.variant=x", "-o", str(out)])
+    assert not out.exists()
+
+
+def test_every_field_of_every_section_has_a_description() -> None:
+    missing = [
+        f"{cls.__name__}.{name}"
+        for cls in _sections()
+        for name, field in cls.model_fields.items()
+        if not (field.description or "").strip()
+    ]
+    assert len(_sections()) >= 10 and not missing, missing
+
+
+def test_no_section_field_has_a_python_default() -> None:
+    """conf/ holds every value: a Python default would be a second, unchecked one."""
+    defaulted = [
+        f"{cls.__name__}.{name}"
+        for cls in _sections()
+        for name, field in cls.model_fields.items()
+        if not field.is_required()
+    ]
+    assert not defaulted, f"{defaulted}: put the value in conf/ and make the field required"
+
+
+def test_readme_params_table_is_generated() -> None:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    expected = config.readme_with_table(readme, config.params_table())
+    assert readme == expected, (
+        "README.md's params table differs from the section descriptions and conf/: run "
+        "`make params-doc` (python -m pipeline.config --write-readme)"
+    )
+
+
+def test_describe_prints_every_param_once(capsys: pytest.CaptureFixture[str]) -> None:
+    config.main(["--describe"])
+    rows = capsys.readouterr().out.splitlines()[2:]
+    keys = [row.split("`")[1] for row in rows]
+    params = yaml.safe_load(compose())
+    assert len(keys) == len(set(keys)) and "calibrate.options.matrix.reg" in keys
+    assert {k.split(".")[0] for k in keys} == set(params)
+    assert "| `finetune.lr` | `0.002` | Peak AdamW learning rate" in "\n".join(rows)
+
+
+@pytest.mark.parametrize(
+    "path", sorted((ROOT / "conf").glob("*/*.yaml")), ids=lambda p: f"{p.parent.name}/{p.name}"
+)
+def test_conf_comments_are_group_headers_only(path: Path) -> None:
+    """Keys are described once, by their Field(description=...), shown in README's table:
+    a conf/ file has a header comment about the group, ending with the pointer to that
+    table, and no comment on single keys."""
+    if path.parent.name == "experiment":  # overrides: their comments say why, not what
+        return
+    lines = path.read_text(encoding="utf-8").splitlines()
+    start = next(i for i, line in enumerate(lines) if not line.startswith("#"))
+    header, body = lines[:start], lines[start:]
+    assert header and header[-1] == POINTER, f"{path}: the header must end with '{POINTER}'"
+    commented = [line for line in body if "#" in line]
+    assert not commented, (
+        f"{path}: per-key comments {commented}: describe the key in its section class's "
+        "Field(description=...) instead (README's table shows it)"
+    )
 
 
 def _params_with(tmp_path: Path, section: str, **values: object) -> Path:

@@ -40,7 +40,7 @@ from pipeline.stages.evaluate import (
     subject_line,
     write_views,
 )
-from tests.helpers import ROOT
+from tests.helpers import ROOT, default_section
 
 K = len(GROUPS)
 
@@ -124,7 +124,7 @@ def test_probabilities_schema() -> None:
 def test_baseline_logits_are_the_models_log_odds() -> None:
     texts = [f"{GROUPS[j].replace('.', ' ')} post {i}" for j in range(K) for i in range(3)]
     labels = np.repeat(np.arange(K), 3)
-    params = BaselineParams(min_df=1)
+    params = default_section("baseline", min_df=1)
     vectorizer, model, info = fit(texts, labels, params, seed=0)
     assert info["converged"] and info["features"] == len(vectorizer.vocabulary_)
     z = logits_for(vectorizer, model, texts)
@@ -137,14 +137,14 @@ def test_baseline_logits_are_the_models_log_odds() -> None:
 
 def test_baseline_pruning_everything_is_a_clear_error() -> None:
     with pytest.raises(PipelineError, match="TF-IDF on the train split failed"):
-        fit(["a b", "c d"], np.array([0, 1]), BaselineParams(min_df=5), seed=0)
+        fit(["a b", "c d"], np.array([0, 1]), default_section("baseline", min_df=5), seed=0)
 
 
 # --- calibrate -----------------------------------------------------------------------------
 
 
 def _params(**values) -> CalibrateParams:
-    return CalibrateParams.model_validate({"models": ["baseline"], **values})
+    return default_section("calibrate", models=["baseline"], **values)
 
 
 def test_temperature_is_recovered_and_reported() -> None:
@@ -237,7 +237,7 @@ def test_evaluate_scores_plots_and_reports(tmp_path: Path) -> None:
     assert set(head["calibrated"]) | set(rest["calibrated"]) == set(summary["calibrated"])
     assert "n" in rest["calibrated"] and "ece_ci_low" in rest["calibrated"]
 
-    params = EvaluateParams(bootstrap=20)
+    params = default_section("evaluate", bootstrap=20)
     write_views(tmp_path / "plots", tmp_path / "figures", "m", probs, labels, params)
     names = {p.name for p in (tmp_path / "plots/m").iterdir()}
     assert "confusion.json" in names and not any(n.endswith(".png") for n in names)

@@ -15,7 +15,6 @@ from pipeline.errors import PipelineError
 from pipeline.schemas import Documents, validate
 from pipeline.stages import fetch
 from pipeline.stages.fetch import (
-    DataParams,
     Source,
     assign_validation,
     assign_validation_by_thread,
@@ -38,9 +37,10 @@ from pipeline.stages.fetch import (
     thread_keys,
     verify_archive,
 )
-from tests.helpers import build_archive, make_post
+from tests.helpers import build_archive, default_section, make_post
 
-PARAMS = DataParams(
+PARAMS = default_section(
+    "data",
     url="https://example.org/archive.tar.gz",
     url_sha256="0" * 64,
 )

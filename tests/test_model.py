@@ -20,6 +20,7 @@ from pipeline.encoder.model import (
     pool_chunks,
     pool_tokens,
 )
+from tests.helpers import default_section
 
 VOCAB = 64
 
@@ -35,7 +36,7 @@ def _one_thread():
 
 def params(**kw) -> ModelParams:
     base = {"d_model": 32, "n_layers": 2, "n_heads": 4, "d_ff": 64, "dropout": 0.0, "max_len": 24}
-    return ModelParams(**{**base, **kw})
+    return default_section("model", **{**base, **kw})
 
 
 def batch(n: int = 3, t: int = 10, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -27,8 +27,6 @@ from mlflow import MlflowClient
 
 from pipeline.calibration import fit_calibrator
 from pipeline.domain import GROUPS, LOGIT_COLUMNS
-from pipeline.encoder.model import ModelParams
-from pipeline.encoder.training import TrainerParams
 from pipeline.serving import (
     Scorer,
     ServedFiles,
@@ -37,10 +35,16 @@ from pipeline.serving import (
     serving_config,
     validate_texts,
 )
-from pipeline.stages.finetune import FinetuneParams
 from pipeline.stages.finetune import run as finetune
-from pipeline.stages.tokenize import TokenizerParams, train_tokenizer
-from tests.helpers import ROOT, make_post, stage_env, wait_for_http
+from pipeline.stages.tokenize import train_tokenizer
+from tests.helpers import (
+    ROOT,
+    default_section,
+    make_post,
+    params_with,
+    stage_env,
+    wait_for_http,
+)
 
 NAME = "test-newsgroups"
 TEXTS = (
@@ -76,7 +80,8 @@ def build_project(root: Path) -> None:
         for i, (split, n) in enumerate(SIZES.items())
     }
     tokenizer = train_tokenizer(
-        [t for _, t in texts["train"]], TokenizerParams(vocab_size=400, min_frequency=1)
+        [t for _, t in texts["train"]],
+        default_section("tokenizer", vocab_size=400, min_frequency=1),
     )
     (root / "data/tokenizer").mkdir(parents=True)
     tokenizer.save(str(root / "data/tokenizer/tokenizer.json"))
@@ -102,9 +107,9 @@ def build_project(root: Path) -> None:
         root / "data/raw/documents.parquet", index=False
     )
     finetune(
-        ModelParams(**MODEL),
-        FinetuneParams(**FINETUNE),
-        TrainerParams(progress_bar=False, log_every_n_steps=5),
+        default_section("model", **MODEL),
+        default_section("finetune", **FINETUNE),
+        default_section("trainer", progress_bar=False, log_every_n_steps=5),
         0,
         tokenized=root / "data/tokenized",
         tokenizer=root / "data/tokenizer/tokenizer.json",
@@ -115,7 +120,7 @@ def build_project(root: Path) -> None:
         default_root_dir=str(root),
     )
     model, table, _ = wide.run(
-        wide.WideParams(**WIDE),
+        default_section("wide", **WIDE),
         0,
         tokenized=root / "data/tokenized",
         tokenizer=root / "data/tokenizer/tokenizer.json",
@@ -126,7 +131,9 @@ def build_project(root: Path) -> None:
     cwd = Path.cwd()
     os.chdir(root)  # the blend stage reads the predictions contract from the project
     try:
-        state, table, _ = blend.run(blend.BlendParams(models=["transformer", "wide"], folds=3), 0)
+        state, table, _ = blend.run(
+            default_section("blend", models=["transformer", "wide"], folds=3), 0
+        )
     finally:
         os.chdir(cwd)
     (root / "data/models/blend").mkdir(parents=True)
@@ -148,11 +155,11 @@ def build_project(root: Path) -> None:
         json.dumps({"blend": {"uncalibrated": headline, "calibrated": headline}}),
         encoding="utf-8",
     )
-    params = {
-        "seed": 0,
-        "tracking": {"enabled": True, "uri": None, "experiment": "newsgroups-pipeline"},
-        "register": {"model_name": NAME, "batch_size": 8},
-    }
+    params = params_with(
+        seed=0,
+        tracking={"enabled": True, "uri": None, "experiment": "newsgroups-pipeline"},
+        register={"model_name": NAME, "batch_size": 8},
+    )
     (root / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
 
 
@@ -637,8 +644,8 @@ def test_register_checks_its_inputs_first(project: Path, tmp_path: Path) -> None
 
 
 def test_registered_names_keep_toy_runs_off_the_production_name() -> None:
-    from pipeline.stages.register import RegisterParams, registered_name
+    from pipeline.stages.register import registered_name
 
-    assert registered_name(RegisterParams(), "default") == "newsgroups-classifier"
-    smoke = RegisterParams(production=False)
+    assert registered_name(default_section("register"), "default") == "newsgroups-classifier"
+    smoke = default_section("register", production=False)
     assert registered_name(smoke, "smoke") == "newsgroups-classifier-smoke"

@@ -10,11 +10,11 @@ import pytest
 from pipeline.domain import CLS_ID, SEP_ID, SPECIAL_TOKENS, UNK_ID
 from pipeline.stages.fetch import parse_archive
 from pipeline.stages.tokenize import (
-    TokenizerParams,
     encode_split,
     split_stats,
     train_tokenizer,
 )
+from tests.helpers import default_section
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +23,7 @@ def docs(tiny_archive: tuple[Path, str]) -> pd.DataFrame:
 
 
 def test_bpe_training_is_deterministic(docs: pd.DataFrame) -> None:
-    params = TokenizerParams(kind="bpe", vocab_size=400, min_frequency=1)
+    params = default_section("tokenizer", kind="bpe", vocab_size=400, min_frequency=1)
     texts = docs.loc[docs["split"] == "train", "text"].tolist()
     first = train_tokenizer(texts, params).to_str()
     assert all(train_tokenizer(texts, params).to_str() == first for _ in range(3))
@@ -31,7 +31,7 @@ def test_bpe_training_is_deterministic(docs: pd.DataFrame) -> None:
 
 @pytest.mark.parametrize("kind", ["wordpiece", "bpe"])
 def test_special_tokens_have_fixed_ids(docs: pd.DataFrame, kind: str) -> None:
-    params = TokenizerParams(kind=kind, vocab_size=400, min_frequency=1)
+    params = default_section("tokenizer", kind=kind, vocab_size=400, min_frequency=1)
     a = train_tokenizer(docs.loc[docs["split"] == "train", "text"].tolist(), params)
     assert [a.token_to_id(t) for t in SPECIAL_TOKENS] == list(range(len(SPECIAL_TOKENS)))
     served = a.encode("hello world")  # the template used when serving adds CLS/SEP
@@ -40,14 +40,14 @@ def test_special_tokens_have_fixed_ids(docs: pd.DataFrame, kind: str) -> None:
 
 def test_lowercase_param_changes_normalisation(docs: pd.DataFrame) -> None:
     texts = docs["text"].tolist()
-    lower = train_tokenizer(texts, TokenizerParams(vocab_size=400, lowercase=True))
-    cased = train_tokenizer(texts, TokenizerParams(vocab_size=400, lowercase=False))
+    lower = train_tokenizer(texts, default_section("tokenizer", vocab_size=400, lowercase=True))
+    cased = train_tokenizer(texts, default_section("tokenizer", vocab_size=400, lowercase=False))
     assert lower.encode("SUBJECT").tokens == lower.encode("subject").tokens
     assert cased.encode("SUBJECT").tokens != cased.encode("subject").tokens
 
 
 def test_encoding_keeps_whole_documents_without_specials(docs: pd.DataFrame) -> None:
-    tok = train_tokenizer(docs["text"].tolist(), TokenizerParams(vocab_size=400))
+    tok = train_tokenizer(docs["text"].tolist(), default_section("tokenizer", vocab_size=400))
     long_doc = docs.iloc[:2].copy()
     long_doc.loc[long_doc.index[0], "text"] = " ".join(["interesting"] * 3000)
     ds = encode_split(long_doc, tok, batch_size=1, fingerprint="f" * 32, name="t")
@@ -59,7 +59,9 @@ def test_encoding_keeps_whole_documents_without_specials(docs: pd.DataFrame) -> 
 
 
 def test_split_stats_counts_tokens_and_unknowns(docs: pd.DataFrame) -> None:
-    params = TokenizerParams(kind="wordpiece", vocab_size=400)  # BPE has no unknown token
+    params = default_section(
+        "tokenizer", kind="wordpiece", vocab_size=400
+    )  # BPE has no unknown token
     tok = train_tokenizer(docs["text"].tolist(), params)
     part = docs.iloc[:3].copy()
     part.loc[part.index[2], "text"] = "漢字"  # characters never seen in training

@@ -16,7 +16,6 @@ from mlflow import MlflowClient
 
 from pipeline.tools.ui import runs_table_url
 from pipeline.tracking import (
-    TrackingParams,
     finite_metrics,
     flatten,
     pipeline_run_id,
@@ -46,11 +45,11 @@ def test_project_root_sees_through_dvc_temp_experiments(tmp_path: Path) -> None:
 
 
 def test_uri_precedence(tmp_path: Path) -> None:
-    params = TrackingParams(uri="http://tracking.example:5000")
+    uri = "http://tracking.example:5000"
     env = {"MLFLOW_TRACKING_URI": "sqlite:////elsewhere.db"}
-    assert resolve_uri(params, env, tmp_path) == "sqlite:////elsewhere.db"
-    assert resolve_uri(params, {}, tmp_path) == "http://tracking.example:5000"
-    assert resolve_uri(TrackingParams(), {}, tmp_path) == f"sqlite:///{tmp_path}/mlflow.db"
+    assert resolve_uri(uri, env, tmp_path) == "sqlite:////elsewhere.db"
+    assert resolve_uri(uri, {}, tmp_path) == "http://tracking.example:5000"
+    assert resolve_uri(None, {}, tmp_path) == f"sqlite:///{tmp_path}/mlflow.db"
 
 
 def test_reports_split_into_headline_metrics_and_params() -> None:

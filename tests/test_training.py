@@ -39,6 +39,7 @@ from pipeline.stages.finetune import (
 from pipeline.stages.finetune import run as finetune
 from pipeline.stages.pretrain import PretrainParams
 from pipeline.stages.pretrain import run as pretrain
+from tests.helpers import default_section, params_with
 
 ROOT = Path(__file__).resolve().parent.parent
 VOCAB = 64
@@ -112,8 +113,8 @@ def project(corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Pa
 
 
 def sections(**changes: dict) -> tuple[ModelParams, TrainerParams]:
-    return ModelParams(**{**MODEL, **changes.get("model", {})}), TrainerParams(
-        **{**TRAINER, **changes.get("trainer", {})}
+    return default_section("model", **{**MODEL, **changes.get("model", {})}), default_section(
+        "trainer", **{**TRAINER, **changes.get("trainer", {})}
     )
 
 
@@ -133,7 +134,7 @@ def without_timing(report: dict) -> dict:
 
 def test_fast_dev_run_mlm(corpus: Path) -> None:
     model_p, trainer_p = sections()
-    run = PretrainParams(**PRETRAIN)
+    run = default_section("pretrain", **PRETRAIN)
     data = tiny_data(corpus, LMCollator(16, VOCAB), LMCollator(16, VOCAB, seed=0))
     module = LMModule(LanguageModel(model_p, VOCAB), run)
     trainer = build_trainer(trainer_p, run, [], fast_dev_run=True)
@@ -144,7 +145,7 @@ def test_fast_dev_run_mlm(corpus: Path) -> None:
 
 def test_fast_dev_run_classifier(corpus: Path) -> None:
     model_p, trainer_p = sections()
-    run = FinetuneParams(**FINETUNE)
+    run = default_section("finetune", **FINETUNE)
     collate = ClassifyCollator(16, "chunk", 3)
     data = tiny_data(corpus, collate, collate)
     module = ClassifierModule(Classifier(model_p, VOCAB, 20), run, n_classes=20)
@@ -162,7 +163,7 @@ def test_fast_dev_run_classifier(corpus: Path) -> None:
 def test_loss_curve_rows_go_to_the_sink_as_they_are_made(corpus: Path) -> None:
     """What MLflow gets is exactly the DVC curve: the same rows, steps and values."""
     model_p, trainer_p = sections()
-    run = PretrainParams(**{**PRETRAIN, "max_steps": 6, "val_every_steps": 3})
+    run = default_section("pretrain", **{**PRETRAIN, "max_steps": 6, "val_every_steps": 3})
     data = tiny_data(corpus, LMCollator(16, VOCAB), LMCollator(16, VOCAB, seed=0))
     sent: list[tuple[int, str, float]] = []
     curve = LossCurve(every=2)
@@ -182,8 +183,8 @@ def test_loss_curve_rows_go_to_the_sink_as_they_are_made(corpus: Path) -> None:
 
 def test_step_based_progress_bar_has_no_negative_epoch_count() -> None:
     def description(**budget: int | None) -> str:
-        run = PretrainParams(**{**PRETRAIN, **budget})
-        trainer = build_trainer(TrainerParams(progress_bar=True), run, [])
+        run = default_section("pretrain", **{**PRETRAIN, **budget})
+        trainer = build_trainer(default_section("trainer", progress_bar=True), run, [])
         bar = trainer.progress_bar_callback
         assert isinstance(bar, StepProgressBar)
         bar.setup(trainer, None, "fit")
@@ -198,7 +199,7 @@ def test_step_based_progress_bar_has_no_negative_epoch_count() -> None:
 
 def test_pretrain_then_finetune_write_their_outputs(project: Path) -> None:
     model_p, trainer_p = sections()
-    pre = pretrain(model_p, PretrainParams(**PRETRAIN), trainer_p, 0)
+    pre = pretrain(model_p, default_section("pretrain", **PRETRAIN), trainer_p, 0)
     assert pre is not None and pre["steps"] == 30
     assert pre["val_perplexity"] == pytest.approx(math.exp(pre["val_loss"]), rel=1e-4)
     assert pre["val_loss"] < math.log(VOCAB)  # learned something beyond uniform
@@ -211,7 +212,9 @@ def test_pretrain_then_finetune_write_their_outputs(project: Path) -> None:
     assert curve["step"].tolist() == [15, 30] and list(curve.columns) == ["step", "loss"]
     assert len(pd.read_csv("reports/pretrain/train.csv")) == 6
 
-    params = FinetuneParams(**{**FINETUNE, "init": "pretrained", "long_doc": "head_tail"})
+    params = default_section(
+        "finetune", **{**FINETUNE, "init": "pretrained", "long_doc": "head_tail"}
+    )
     result = finetune(model_p, params, trainer_p, 0)
     assert result is not None and result["init"] == "pretrained"
     table = pd.read_parquet("data/predictions/transformer/predictions.parquet")
@@ -235,27 +238,29 @@ def test_pretrain_then_finetune_write_their_outputs(project: Path) -> None:
 
 def test_causal_lm_pretraining_learns_and_feeds_finetune(project: Path) -> None:
     model_p, trainer_p = sections()
-    pre = pretrain(model_p, PretrainParams(**{**PRETRAIN, "objective": "clm"}), trainer_p, 0)
+    pre = pretrain(
+        model_p, default_section("pretrain", **{**PRETRAIN, "objective": "clm"}), trainer_p, 0
+    )
     assert pre is not None and pre["objective"] == "clm"
     assert pre["val_loss"] < math.log(VOCAB)  # next tokens are partly predictable
     config = json.loads(Path("data/models/pretrained/config.json").read_text())
     assert config["objective"] == "clm"
-    params = FinetuneParams(**{**FINETUNE, "init": "pretrained", "max_epochs": 1})
+    params = default_section("finetune", **{**FINETUNE, "init": "pretrained", "max_epochs": 1})
     result = finetune(model_p, params, trainer_p, 0)
     assert result is not None and result["init"] == "pretrained" and result["steps"] > 0
 
 
 def test_finetune_loads_the_pretrained_encoder(project: Path) -> None:
     model_p, trainer_p = sections()
-    pretrain(model_p, PretrainParams(**{**PRETRAIN, "max_steps": 2}), trainer_p, 0)
+    pretrain(model_p, default_section("pretrain", **{**PRETRAIN, "max_steps": 2}), trainer_p, 0)
     from safetensors.torch import load_file
 
     saved = load_file("data/models/pretrained/model.safetensors")
-    params = FinetuneParams(**{**FINETUNE, "init": "pretrained"})
+    params = default_section("finetune", **{**FINETUNE, "init": "pretrained"})
     model = build_classifier(model_p, params, VOCAB, Path("data/models/pretrained"))
     for key, value in model.encoder.state_dict().items():
         torch.testing.assert_close(value, saved[f"encoder.{key}"])
-    other = ModelParams(**{**MODEL, "d_model": 16})
+    other = default_section("model", **{**MODEL, "d_model": 16})
     with pytest.raises(PipelineError, match="does not match the model section"):
         build_classifier(other, params, VOCAB, Path("data/models/pretrained"))
 
@@ -267,14 +272,14 @@ def test_two_seeded_runs_are_identical(project: Path, tmp_path_factory) -> None:
         out = tmp_path_factory.mktemp(f"run{run}")
         pre = pretrain(
             model_p,
-            PretrainParams(**PRETRAIN),
+            default_section("pretrain", **PRETRAIN),
             trainer_p,
             7,
             out_model=out / "pretrained",
             report=out / "pretrain.json",
             curves=out / "pretrain",
         )
-        params = FinetuneParams(**{**FINETUNE, "init": "pretrained", "max_epochs": 2})
+        params = default_section("finetune", **{**FINETUNE, "init": "pretrained", "max_epochs": 2})
         fin = finetune(
             model_p,
             params,
@@ -298,7 +303,7 @@ def test_two_seeded_runs_are_identical(project: Path, tmp_path_factory) -> None:
 
 def test_nan_loss_stops_training_with_a_clear_message(corpus: Path) -> None:
     model_p, trainer_p = sections()
-    run = PretrainParams(**PRETRAIN)
+    run = default_section("pretrain", **PRETRAIN)
     data = tiny_data(corpus, LMCollator(16, VOCAB), LMCollator(16, VOCAB, seed=0))
     model = LanguageModel(model_p, VOCAB)
     with torch.no_grad():
@@ -310,7 +315,7 @@ def test_nan_loss_stops_training_with_a_clear_message(corpus: Path) -> None:
 
 def test_diverging_finetune_writes_nothing(project: Path, capsys) -> None:
     model_p, trainer_p = sections()
-    params = FinetuneParams(**{**FINETUNE, "grad_clip": None, "warmup_fraction": 0})
+    params = default_section("finetune", **{**FINETUNE, "grad_clip": None, "warmup_fraction": 0})
     params = params.model_copy(update={"lr": 1e30})  # past the param's range, to diverge
 
     def main() -> None:
@@ -340,7 +345,7 @@ def test_missing_or_bad_inputs_are_clear_errors(tmp_path: Path, corpus: Path) ->
 
 
 def test_param_groups_decay_and_layer_lr() -> None:
-    model = Classifier(ModelParams(**{**MODEL, "n_layers": 2}), VOCAB, 20)
+    model = Classifier(default_section("model", **{**MODEL, "n_layers": 2}), VOCAB, 20)
     groups = param_groups(model, lr=1.0, weight_decay=0.1, n_layers=2, layer_decay=0.5)
     names = {id(p): n for n, p in model.named_parameters()}
     seen = 0
@@ -362,7 +367,7 @@ def test_param_groups_decay_and_layer_lr() -> None:
 
 
 def test_embedding_lr_gives_the_token_embedding_its_own_group() -> None:
-    model = Classifier(ModelParams(**{**MODEL, "n_layers": 2}), VOCAB, 20)
+    model = Classifier(default_section("model", **{**MODEL, "n_layers": 2}), VOCAB, 20)
     groups = param_groups(model, lr=1.0, weight_decay=0.1, n_layers=2, embedding_lr=30.0)
     own = [g for g in groups if g["lr"] == 30.0]
     assert len(own) == 1 and own[0]["weight_decay"] == 0.0
@@ -382,7 +387,7 @@ def test_warmup_then_decay() -> None:
 
 def test_freeze_epochs_keep_the_encoder_fixed(corpus: Path) -> None:
     model_p, trainer_p = sections()
-    run = FinetuneParams(**{**FINETUNE, "max_epochs": 1, "freeze_epochs": 1})
+    run = default_section("finetune", **{**FINETUNE, "max_epochs": 1, "freeze_epochs": 1})
     collate = ClassifyCollator(16, "head", 1)
     model = Classifier(model_p, VOCAB, 20)
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -395,7 +400,7 @@ def test_freeze_epochs_keep_the_encoder_fixed(corpus: Path) -> None:
 
 def test_freeze_epochs_with_plain_ddp_is_refused(project: Path) -> None:
     model_p, trainer_p = sections(trainer={"strategy": "ddp"})
-    params = FinetuneParams(**{**FINETUNE, "freeze_epochs": 1})
+    params = default_section("finetune", **{**FINETUNE, "freeze_epochs": 1})
     with pytest.raises(PipelineError, match="ddp_find_unused_parameters_true"):
         finetune(model_p, params, trainer_p, 0)
 
@@ -481,13 +486,13 @@ def test_ddp_finetune_on_two_cpu_processes(corpus: Path, tmp_path: Path) -> None
     (tmp_path / "data").mkdir()
     for name in ("tokenizer", "tokenized"):
         (tmp_path / "data" / name).symlink_to(corpus / "data" / name)
-    params = {
-        "seed": 0,
-        "model": MODEL,
-        "finetune": {**FINETUNE, "batch_size": 8, "max_epochs": 6},
-        "trainer": {**TRAINER, "accelerator": "cpu", "devices": 2, "strategy": "ddp"},
-        "tracking": {"enabled": False},
-    }
+    params = params_with(
+        seed=0,
+        model=MODEL,
+        finetune={**FINETUNE, "batch_size": 8, "max_epochs": 6},
+        trainer={**TRAINER, "accelerator": "cpu", "devices": 2, "strategy": "ddp"},
+        tracking={"enabled": False},
+    )
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
@@ -518,13 +523,13 @@ def pretrain_workdir(corpus: Path, folder: Path, tracking: bool = False) -> Path
     for name in ("tokenizer", "tokenized"):
         (folder / "data" / name).symlink_to(corpus / "data" / name)
     pretrain = {**PRETRAIN, "max_steps": None, "max_epochs": 40, "val_every_steps": None}
-    params = {
-        "seed": 0,
-        "model": MODEL,
-        "pretrain": pretrain,
-        "trainer": {**TRAINER, "threads": 1},
-        "tracking": {"enabled": tracking},
-    }
+    params = params_with(
+        seed=0,
+        model=MODEL,
+        pretrain=pretrain,
+        trainer={**TRAINER, "threads": 1},
+        tracking={"enabled": tracking},
+    )
     (folder / "params.yaml").write_text(yaml.safe_dump(params))
     return folder
 

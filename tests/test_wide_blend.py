@@ -12,7 +12,7 @@ from pipeline.bag import WideModel, bag_features, count_matrix
 from pipeline.errors import PipelineError
 from pipeline.predictions import make_table
 from pipeline.stages.blend import blended, cross_fit, fit_weights, fold_ids
-from tests.helpers import ROOT, assert_failed_cleanly, run_stage, stage_files
+from tests.helpers import ROOT, assert_failed_cleanly, params_with, run_stage, stage_files
 
 VOCAB = 50
 
@@ -117,7 +117,9 @@ def test_cross_fit_scores_each_fold_with_weights_fitted_on_the_others() -> None:
 # -------------------------------------------------------------------- the blend stage
 
 
-def blend_workdir(tmp_path, n_val: int = 40, n_test: int = 20):
+def blend_workdir(
+    tmp_path, n_val: int = 40, n_test: int = 20, models: tuple[str, ...] = ("transformer", "wide")
+):
     """A project folder with a documents table and two models' predictions."""
     rng = np.random.default_rng(0)
     docs = pd.DataFrame(
@@ -135,11 +137,12 @@ def blend_workdir(tmp_path, n_val: int = 40, n_test: int = 20):
         table = make_table(docs["id"], docs["split"], docs["label"], logits)
         (tmp_path / f"data/predictions/{model}").mkdir(parents=True)
         table.to_parquet(tmp_path / f"data/predictions/{model}/predictions.parquet", index=False)
-    params = (
-        "seed: 0\nblend:\n  models: [transformer, wide]\n  folds: 4\n  max_iter: 100\n"
-        "tracking:\n  enabled: false\n"
+    params = params_with(
+        seed=0,
+        blend={"models": list(models), "folds": 4, "max_iter": 100},
+        tracking={"enabled": False},
     )
-    (tmp_path / "params.yaml").write_text(params, encoding="utf-8")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
     return tmp_path
 
 
@@ -171,11 +174,7 @@ def test_blend_stage_writes_cross_fitted_predictions_and_its_report(tmp_path) ->
 
 
 def test_blend_of_a_model_without_predictions_is_one_error_line(tmp_path) -> None:
-    work = blend_workdir(tmp_path)
-    params = (
-        (work / "params.yaml").read_text().replace("[transformer, wide]", "[transformer, nope]")
-    )
-    (work / "params.yaml").write_text(params)
+    work = blend_workdir(tmp_path, models=("transformer", "nope"))
     before = stage_files(work)
     proc = run_stage("blend", work)
     assert_failed_cleanly(

@@ -47,13 +47,25 @@ class ModelParams(Section):
     """The ``model`` params section: the encoder's shape (the vocabulary comes from the
     tokenizer)."""
 
-    d_model: int = Field(default=256, ge=1)
-    n_layers: int = Field(default=4, ge=1)
-    n_heads: int = Field(default=4, ge=1)
-    d_ff: int = Field(default=1024, ge=1)
-    dropout: float = Field(default=0.1, ge=0.0, lt=1.0)
-    max_len: int = Field(default=256, ge=4)  # [CLS], [SEP] and some text
-    positions: Positions = "learned"
+    d_model: int = Field(ge=1, description="Width of the token vectors (divisible by n_heads).")
+    n_layers: int = Field(ge=1, description="Transformer blocks.")
+    n_heads: int = Field(ge=1, description="Attention heads per block.")
+    d_ff: int = Field(ge=1, description="Hidden width of each block's feed-forward layer.")
+    dropout: float = Field(
+        ge=0.0,
+        lt=1.0,
+        description="Dropout inside the encoder (finetune.encoder_dropout "
+        "overrides it when fine-tuning).",
+    )
+    max_len: int = Field(
+        ge=4,
+        description="Longest sequence the encoder sees, [CLS] and [SEP] included (the window "
+        "and chunk length).",
+    )
+    positions: Positions = Field(
+        description="Position encoding: learned (a table of max_len vectors) or rotary "
+        "(relative, in attention)."
+    )
 
     @model_validator(mode="after")
     def _check_shape(self) -> ModelParams:

@@ -37,20 +37,26 @@ MODEL = "baseline"
 
 
 class BaselineParams(Section):
-    """Section ``baseline`` of params.yaml."""
+    """Section ``baseline`` of params.yaml: TfidfVectorizer, then LogisticRegression."""
 
-    # TfidfVectorizer
-    lowercase: bool = True
-    sublinear_tf: bool = True
-    min_df: int = Field(default=2, ge=1)
-    max_df: float = Field(default=1.0, gt=0.0, le=1.0)
-    ngram_max: int = Field(default=1, ge=1, le=3)
-    max_features: int | None = Field(default=None, ge=1)
-    # LogisticRegression (multinomial)
-    C: float = Field(default=10.0, gt=0.0)
-    solver: Literal["lbfgs", "newton-cg", "saga", "sag"] = "lbfgs"
-    max_iter: int = Field(default=1000, ge=1)
-    tol: float = Field(default=1e-4, gt=0.0)
+    lowercase: bool = Field(description="Lowercase the text before counting terms.")
+    sublinear_tf: bool = Field(description="Use 1 + log(tf) instead of raw term counts.")
+    min_df: int = Field(ge=1, description="Ignore terms in fewer than this many train documents.")
+    max_df: float = Field(
+        gt=0.0, le=1.0, description="Ignore terms in more than this share of train documents."
+    )
+    ngram_max: int = Field(ge=1, le=3, description="Word n-grams from 1 to ngram_max.")
+    max_features: int | None = Field(
+        ge=1, description="Keep only the most frequent terms (null: all)."
+    )
+    C: float = Field(
+        gt=0.0, description="Inverse L2 regularisation strength of the logistic regression."
+    )
+    solver: Literal["lbfgs", "newton-cg", "saga", "sag"] = Field(
+        description="scikit-learn LogisticRegression solver."
+    )
+    max_iter: int = Field(ge=1, description="Solver iterations.")
+    tol: float = Field(gt=0.0, description="Solver stopping tolerance.")
 
 
 def fit(texts: list[str], labels: np.ndarray, params: BaselineParams, seed: int):

@@ -46,9 +46,18 @@ MODEL = "blend"
 class BlendParams(Section):
     """Section ``blend`` of params.yaml."""
 
-    models: list[str] = Field(min_length=2)  # their predictions folders are inputs
-    folds: int = Field(default=5, ge=2, le=100)  # cross-fitting folds over validation rows
-    max_iter: int = Field(default=200, ge=1)  # L-BFGS iterations per fit
+    models: list[str] = Field(
+        min_length=2,
+        description="Models blended (each needs data/predictions/<model>/, a dep of blend in "
+        "dvc.yaml).",
+    )
+    folds: int = Field(
+        ge=2,
+        le=100,
+        description="Cross-fitting folds over the validation rows, so calibrate never fits on "
+        "rows that chose the weights.",
+    )
+    max_iter: int = Field(ge=1, description="L-BFGS iterations per fit.")
 
     @field_validator("models")
     @classmethod

@@ -17,7 +17,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator
 
 from pipeline import paths
-from pipeline.calibration import DEFAULT_METHOD, METHODS, fit_calibrator, select_auto, softmax
+from pipeline.calibration import fit_calibrator, select_auto, softmax
 from pipeline.config import Section, load_section, load_seed
 from pipeline.errors import run_stage
 from pipeline.io import atomic_outputs, write_json
@@ -38,41 +38,60 @@ MethodOrAuto = Literal[Method, "auto"]
 
 
 class ScalingOptions(Section):
-    reg: float = Field(ge=0.0)
-    max_iter: int = Field(default=200, ge=1)
+    """Options of vector and matrix scaling."""
+
+    reg: float = Field(ge=0.0, description="L2 penalty toward no change.")
+    max_iter: int = Field(ge=1, description="L-BFGS iterations.")
 
 
 class TemperatureOptions(Section):
-    max_iter: int = Field(default=100, ge=1)
+    """Options of temperature scaling."""
+
+    max_iter: int = Field(ge=1, description="L-BFGS iterations.")
 
 
 class IterOptions(Section):
-    max_iter: int = Field(default=200, ge=1)
+    """Options of a method fitted by L-BFGS."""
+
+    max_iter: int = Field(ge=1, description="L-BFGS iterations.")
 
 
 class HistogramOptions(Section):
-    n_bins: int = Field(default=15, ge=1, le=1000)
+    """Options of histogram binning."""
+
+    n_bins: int = Field(ge=1, le=1000, description="Equal-width confidence bins.")
 
 
 class CalibrateOptions(Section):
     """Per-method options, passed to :func:`pipeline.calibration.fit_calibrator`."""
 
-    temperature: TemperatureOptions = TemperatureOptions()
-    ets: IterOptions = IterOptions()
-    temperature_platt: IterOptions = IterOptions()
-    vector: ScalingOptions = ScalingOptions(reg=1e-3, max_iter=200)
-    matrix: ScalingOptions = ScalingOptions(reg=1e-2, max_iter=500)
-    histogram: HistogramOptions = HistogramOptions()
+    temperature: TemperatureOptions = Field(description="temperature scaling")
+    ets: IterOptions = Field(description="ensemble temperature scaling")
+    temperature_platt: IterOptions = Field(description="temperature, then a Platt map")
+    vector: ScalingOptions = Field(description="vector scaling")
+    matrix: ScalingOptions = Field(description="matrix scaling")
+    histogram: HistogramOptions = Field(description="histogram binning")
 
 
 class CalibrateParams(Section):
     """Section ``calibrate`` of params.yaml."""
 
-    models: list[str] = Field(min_length=1)
-    method: MethodOrAuto = DEFAULT_METHOD
-    auto_methods: list[Method] = Field(default_factory=lambda: list(METHODS), min_length=1)
-    folds: int = Field(default=5, ge=2)
-    options: CalibrateOptions = CalibrateOptions()
+    models: list[str] = Field(
+        min_length=1,
+        description="Models calibrated and evaluated (each needs data/predictions/<model>/, a "
+        "dep of calibrate and evaluate).",
+    )
+    method: MethodOrAuto = Field(
+        description="temperature, ets, temperature_platt, vector, matrix, histogram, isotonic, "
+        "none, or auto: the lowest cross-validated validation NLL of auto_methods."
+    )
+    auto_methods: list[Method] = Field(
+        min_length=1, description="The methods method=auto chooses from."
+    )
+    folds: int = Field(
+        ge=2, description="Stratified folds of the validation split for method=auto."
+    )
+    options: CalibrateOptions = Field(description="Per-method options")
 
     @field_validator("models")
     @classmethod

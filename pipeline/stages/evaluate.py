@@ -87,12 +87,19 @@ ERROR_ROWS = 10  # rows of each error-analysis table
 class EvaluateParams(Section):
     """Section ``evaluate`` of params.yaml."""
 
-    # Bootstrap resamples of the test split for the 95% intervals of accuracy and ECE.
-    bootstrap: int = Field(default=1000, ge=10)
-    # Bins of the confidence histogram (ECE always uses 15 equal-width bins).
-    histogram_bins: int = Field(default=20, ge=2, le=200)
-    # Points kept on the risk-coverage curve in the DVC plot JSON.
-    curve_points: int = Field(default=100, ge=2)
+    bootstrap: int = Field(
+        ge=10,
+        description="Bootstrap resamples of the test documents for the 95% intervals of "
+        "accuracy and ECE.",
+    )
+    histogram_bins: int = Field(
+        ge=2,
+        le=200,
+        description="Bins of the confidence histogram plot (ECE always uses 15 equal-width bins).",
+    )
+    curve_points: int = Field(
+        ge=2, description="Points kept on each risk-coverage curve of reports/plots/."
+    )
 
 
 def load_calibrators(folder: Path = paths.CALIBRATORS) -> dict[str, Calibrator]:

@@ -66,22 +66,51 @@ MAX_CONTROL_SHARE = 0.10
 EMAIL_RE = re.compile(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+")
 SUBJECT_PREFIX_RE = re.compile(r"^(?:(?:re|fwd?)\s*(?:\[\d+\]|\(\d+\)|\^\d+)?\s*:\s*)+")
 
-Sha256 = Field(pattern=r"^[0-9a-f]{64}$")
+SHA256 = r"^[0-9a-f]{64}$"
 
 
 class DataParams(Section):
     """Section ``data`` of params.yaml."""
 
-    url: str = Field(pattern=r"^https?://")
-    url_sha256: str = Sha256
-    archive: str | None = None
-    archive_sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
-    remove: list[Literal["headers", "footers", "quotes"]] = Field(default_factory=list)
-    validation_fraction: float = Field(default=0.1, gt=0.0, lt=1.0)
-    validation: Literal["thread", "latest", "random"] = "thread"
-    # thread: share of each group's validation posts moved with their authors' other posts
-    new_author_share: float = Field(default=0.15, ge=0.0, le=1.0)
-    max_docs_per_class: int | None = Field(default=None, ge=1)
+    url: str = Field(
+        pattern=r"^https?://",
+        description="Where the bydate archive is downloaded from (the one scikit-learn uses).",
+    )
+    url_sha256: str = Field(pattern=SHA256, description="sha256 the download from url must have.")
+    archive: str | None = Field(
+        description="Local archive to use instead of downloading (null: download url; the "
+        "NEWSGROUPS_ARCHIVE environment variable takes precedence)."
+    )
+    archive_sha256: str | None = Field(
+        pattern=SHA256,
+        description="sha256 of the local archive (null: it must be one of the known archives).",
+    )
+    remove: list[Literal["headers", "footers", "quotes"]] = Field(
+        description="Parts of each post to strip, as scikit-learn's remove= (headers, footers, "
+        "quotes); empty keeps everything, the setting published results use."
+    )
+    validation_fraction: float = Field(
+        gt=0.0,
+        lt=1.0,
+        description="Share of each class of the train split held out as the validation split "
+        "(early stopping, calibration); test is never used for fitting.",
+    )
+    validation: Literal["thread", "latest", "random"] = Field(
+        description="How validation is carved out of train: thread (whole threads, like most "
+        "test posts), latest (each group's newest posts) or random (overstates test accuracy)."
+    )
+    new_author_share: float = Field(
+        ge=0.0,
+        le=1.0,
+        description="validation=thread: share of each group's validation posts moved with all "
+        "posts of their authors, so validation has as many new authors as test (0: threads "
+        "alone).",
+    )
+    max_docs_per_class: int | None = Field(
+        ge=1,
+        description="Keep at most this many documents per class and split (null: all); "
+        "for smoke runs.",
+    )
 
 
 @dataclass(frozen=True)

@@ -62,22 +62,49 @@ from pipeline.schemas import Predictions, validate
 class FinetuneParams(TrainParams):
     """Section ``finetune``: TrainParams plus how the classifier is built and trained."""
 
-    init: Literal["pretrained", "scratch"] = "pretrained"
-    dropout: float = Field(default=0.1, ge=0.0, lt=1.0)  # before the classification head
-    # None: model.dropout
-    encoder_dropout: float | None = Field(default=None, ge=0.0, lt=1.0)
-    pooling: TokenPooling = "mean"
-    long_doc: LongDoc = "chunk"
-    max_chunks: int = Field(default=4, ge=1)  # long_doc=chunk: chunks per document
-    chunk_pooling: ChunkPooling = "mean"
-    # long_doc=head_tail: share of the budget from the start
-    head_fraction: float = Field(default=0.25, ge=0.0, le=1.0)
-    freeze_epochs: int = Field(default=0, ge=0)  # epochs in which only the head learns
-    # < 1: lower layers get geometrically smaller LRs
-    layer_lr_decay: float = Field(default=1.0, gt=0.0, le=1.0)
-    # off by default: it distorts the logits calibrate reads
-    label_smoothing: float = Field(default=0.0, ge=0.0, lt=1.0)
-    monitor: Literal["val_loss", "val_acc"] = "val_loss"
+    init: Literal["pretrained", "scratch"] = Field(
+        description="pretrained: the encoder of the pretrain stage (same model section); "
+        "scratch: random weights."
+    )
+    dropout: float = Field(ge=0.0, lt=1.0, description="Dropout before the classification head.")
+    encoder_dropout: float | None = Field(
+        ge=0.0,
+        lt=1.0,
+        description="Dropout inside the encoder while fine-tuning (null: model.dropout).",
+    )
+    pooling: TokenPooling = Field(
+        description="Token pooling within a sequence: mean or max (over non-pad tokens), or cls."
+    )
+    long_doc: LongDoc = Field(
+        description="How a long document is seen: chunk (consecutive model.max_len chunks), "
+        "head_tail (start and end) or head (first tokens only)."
+    )
+    max_chunks: int = Field(ge=1, description="long_doc=chunk: most chunks per document.")
+    chunk_pooling: ChunkPooling = Field(
+        description="long_doc=chunk: how the chunks' vectors are pooled, mean or max."
+    )
+    head_fraction: float = Field(
+        ge=0.0,
+        le=1.0,
+        description="long_doc=head_tail: share of the token budget taken from the start.",
+    )
+    freeze_epochs: int = Field(
+        ge=0, description="Epochs during which the encoder is frozen and only the head learns."
+    )
+    layer_lr_decay: float = Field(
+        gt=0.0,
+        le=1.0,
+        description="Layer-wise LR decay: layer i of n gets lr x decay^(n + 1 - i); 1.0 is off.",
+    )
+    label_smoothing: float = Field(
+        ge=0.0,
+        lt=1.0,
+        description="Label smoothing of the loss; it changes the logits that "
+        "calibrate and evaluate read.",
+    )
+    monitor: Literal["val_loss", "val_acc"] = Field(
+        description="Validation metric that picks the kept weights and drives early stopping."
+    )
 
 
 def build_classifier(

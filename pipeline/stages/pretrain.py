@@ -64,12 +64,26 @@ from pipeline.io import atomic_outputs
 class PretrainParams(TrainParams):
     """Section ``pretrain``: the optimizer/budget fields of TrainParams plus the objective."""
 
-    objective: Objective = "mlm"
-    mask_rate: float = Field(default=0.15, gt=0.0, lt=1.0)  # mlm only
-    # Token embedding before training: lsa (train-only spectral vectors) or none (random)
-    embedding_init: EmbeddingInit = "lsa"
-    embedding_std: float = Field(default=0.02, gt=0.0, le=1.0)  # entry std of LSA rows
-    embedding_power: float = Field(default=0.5, ge=0.0, le=1.0)  # rows are V * S**power
+    objective: Objective = Field(
+        description="mlm: predict masked tokens (bidirectional, BERT-style); clm: predict the "
+        "next token (causal, GPT-style). finetune loads the encoder either way."
+    )
+    mask_rate: float = Field(
+        gt=0.0,
+        lt=1.0,
+        description="mlm: share of content tokens chosen for prediction (80% [MASK], 10% "
+        "random, 10% kept).",
+    )
+    embedding_init: EmbeddingInit = Field(
+        description="Token embedding before training: lsa (rows of a truncated SVD of the "
+        "train TF-IDF matrix) or none (random rows)."
+    )
+    embedding_std: float = Field(
+        gt=0.0, le=1.0, description="lsa: entry std the rows are rescaled to (the random init's)."
+    )
+    embedding_power: float = Field(
+        ge=0.0, le=1.0, description="lsa: the rows are V S^embedding_power of the SVD (0: V alone)."
+    )
 
 
 def initial_model(

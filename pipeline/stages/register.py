@@ -38,6 +38,7 @@ from pydantic import Field
 
 from pipeline import paths
 from pipeline.config import ROOT, Section, load_section
+from pipeline.domain import NAME_PATTERN
 from pipeline.encoder.model import load_model_files
 from pipeline.errors import PipelineError, run_stage
 from pipeline.io import atomic_outputs, sha256_file, write_json
@@ -61,11 +62,21 @@ THROUGHPUT_DOCS = 256  # test posts scored to measure documents/second
 class RegisterParams(Section):
     """Section ``register`` of params.yaml."""
 
-    model_name: str = Field(default="newsgroups-classifier", pattern=r"^[A-Za-z0-9_.-]+$")
-    # false: register as <model_name>-<tracking.config> (experiment configs set it)
-    production: bool = True
-    alias: str = Field(default="candidate", pattern=r"^[A-Za-z_][A-Za-z0-9_-]*$")
-    batch_size: int = Field(default=32, ge=1, le=4096)  # documents per forward pass
+    model_name: str = Field(
+        pattern=NAME_PATTERN, description="The production name in the model registry."
+    )
+    production: bool = Field(
+        description="false: register as <model_name>-<tracking.config> instead, so a toy run "
+        "never becomes a version of the production model."
+    )
+    alias: str = Field(
+        pattern=r"^[A-Za-z_][A-Za-z0-9_-]*$", description="Alias moved to every new version."
+    )
+    batch_size: int = Field(
+        ge=1,
+        le=4096,
+        description="Documents per forward pass when the served model scores a request or a file.",
+    )
 
 
 def registered_name(params: RegisterParams, config: str) -> str:

@@ -36,11 +36,20 @@ PERCENTILES = (50, 90, 95, 99)
 class TokenizerParams(Section):
     """Section ``tokenizer`` of params.yaml."""
 
-    kind: Literal["bpe", "wordpiece"] = "bpe"
-    vocab_size: int = Field(default=16000, ge=300, le=1_000_000)
-    lowercase: bool = True
-    min_frequency: int = Field(default=2, ge=1)
-    batch_size: int = Field(default=1000, ge=1)
+    kind: Literal["bpe", "wordpiece"] = Field(
+        description="bpe: byte-level BPE, no unknown token, deterministic (the default); "
+        "wordpiece: BERT-style, its vocabulary can differ slightly between runs."
+    )
+    vocab_size: int = Field(
+        ge=300, le=1_000_000, description="Tokens in the vocabulary, special tokens included."
+    )
+    lowercase: bool = Field(description="Lowercase the text before tokenizing.")
+    min_frequency: int = Field(
+        ge=1, description="Least train frequency of a merge or token to enter the vocabulary."
+    )
+    batch_size: int = Field(
+        ge=1, description="Documents per batch of the datasets.map that encodes every split."
+    )
 
 
 def new_tokenizer(params: TokenizerParams):  # -> (Tokenizer, Trainer)

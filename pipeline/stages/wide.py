@@ -37,10 +37,13 @@ MODEL = "wide"
 class WideParams(Section):
     """Section ``wide`` of params.yaml."""
 
-    C: float = Field(default=1.0, gt=0.0)  # LinearSVC inverse L2 strength
-    # hash buckets for token bigrams (0: tokens only)
-    bigram_buckets: int = Field(default=524288, ge=0, le=1 << 26)
-    max_iter: int = Field(default=1000, ge=1)  # liblinear iterations
+    C: float = Field(gt=0.0, description="Inverse L2 regularisation strength of the LinearSVC.")
+    bigram_buckets: int = Field(
+        ge=0,
+        le=1 << 26,
+        description="Hash buckets for neighbouring-token pairs (0: single tokens only).",
+    )
+    max_iter: int = Field(ge=1, description="liblinear iterations.")
 
 
 def run(

@@ -38,11 +38,19 @@ EPS = 1e-9
 class GateParams(Section):
     """Section ``gate`` of params.yaml: what is compared and how much worse is allowed."""
 
-    models: list[str] = Field(min_length=1)
-    variant: Literal["calibrated", "uncalibrated"] = "calibrated"
-    max_accuracy_drop: float = Field(ge=0.0)
-    max_ece_rise: float = Field(ge=0.0)
-    max_nll_rise: float = Field(ge=0.0)
+    models: list[str] = Field(
+        min_length=1, description="Models of reports/metrics.json the gate checks."
+    )
+    variant: Literal["calibrated", "uncalibrated"] = Field(
+        description="Which metrics of each model are compared."
+    )
+    max_accuracy_drop: float = Field(
+        ge=0.0, description="Largest allowed accuracy drop (a fraction: 0.01 = 1 point)."
+    )
+    max_ece_rise: float = Field(
+        ge=0.0, description="Largest allowed ECE rise (a fraction: 0.01 = 1 point)."
+    )
+    max_nll_rise: float = Field(ge=0.0, description="Largest allowed NLL rise (nats).")
 
 
 @dataclass(frozen=True)

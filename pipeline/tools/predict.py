@@ -79,14 +79,12 @@ def load_model(uri: str, tracking_uri: str | None):  # -> mlflow.pyfunc.PyFuncMo
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from pipeline.tracking import TrackingParams, resolve_uri
+    from pipeline.tracking import resolve_uri
 
     if Path(uri).exists():
         uri = str(Path(uri).resolve())
     else:
-        mlflow.set_tracking_uri(
-            resolve_uri(TrackingParams(uri=tracking_uri), os.environ, Path.cwd())
-        )
+        mlflow.set_tracking_uri(resolve_uri(tracking_uri, os.environ, Path.cwd()))
     try:
         return mlflow.pyfunc.load_model(uri)
     except (MlflowException, OSError) as exc:

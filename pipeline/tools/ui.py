@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     args = parser.parse_args(argv)
     params = load_section("tracking", TrackingParams, PARAMS_FILE)
-    uri = resolve_uri(params, os.environ, Path.cwd())
+    uri = resolve_uri(params.uri, os.environ, Path.cwd())
     if uri.startswith(("http://", "https://")):
         exp = experiment_id(uri, params.experiment)
         print(f"runs: {runs_table_url(uri, exp)}")

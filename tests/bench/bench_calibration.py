@@ -28,8 +28,10 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import yaml
 
 from pipeline.calibration import METHODS, fit_calibrator, select_auto, softmax
+from pipeline.config import CONF_DIR
 from pipeline.domain import LOGIT_COLUMNS
 from pipeline.io import write_json
 from pipeline.metrics import accuracy, ece, ece_debiased, nll
@@ -43,7 +45,8 @@ LOW_PARAMETER = ("temperature", "ets", "temperature_platt")
 
 def method_options() -> dict[str, dict[str, Any]]:
     """The per-method options of the default config (conf/calibrate/default.yaml)."""
-    return {name: section.model_dump() for name, section in CalibrateOptions()}
+    conf = yaml.safe_load((CONF_DIR / "calibrate/default.yaml").read_text(encoding="utf-8"))
+    return CalibrateOptions.model_validate(conf["options"]).model_dump()
 
 
 def score(probs: np.ndarray, labels: np.ndarray) -> dict[str, float]:

@@ -121,7 +121,10 @@ def main() -> None:
         {**yaml.safe_load((ROOT / "conf/trainer/cpu.yaml").read_text()), "progress_bar": False}
     )
     n = args.warmup + args.steps
-    run = PretrainParams(batch_size=args.batch_size, max_steps=n, lr=5e-4)
+    pretrain = yaml.safe_load((ROOT / "conf/pretrain/default.yaml").read_text())
+    run = PretrainParams.model_validate(
+        {**pretrain, "batch_size": args.batch_size, "max_steps": n, "lr": 5e-4}
+    )
     data, vocab = batches(p, n, args.batch_size)
     tokens = sum(int(b["attention_mask"].sum()) for b in data[args.warmup :])
     bare_times, light_times = [], []
