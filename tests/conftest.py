@@ -19,6 +19,13 @@ from tests.helpers import (
 )
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every end-to-end test is slow too, so `-m "not slow"` leaves them out."""
+    for item in items:
+        if item.get_closest_marker("e2e"):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def tiny_archive(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     """A tiny bydate archive with every group: 6 train and 3 test posts each."""
@@ -95,3 +102,36 @@ def smoke(smoke_run: SmokeRun, tmp_path: Path) -> SmokeRun:
     shutil.copytree(smoke_run.repo, repo, symlinks=True)
     dvc(repo, "config", "--local", "core.site_cache_dir", str(tmp_path / "site-cache"))
     return replace(smoke_run, repo=repo)
+
+
+# ---------------------------------------------------- the tiny corpus of the model tests
+
+
+@pytest.fixture
+def one_thread():
+    import torch
+
+    """Tiny models are slower with two threads on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("corpus")
+    from tests.tiny import build_tiny_corpus
+
+    build_tiny_corpus(root)
+    return root
+
+
+@pytest.fixture
+def project(corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A working folder whose data/ points at the shared tiny corpus."""
+    (tmp_path / "data").mkdir()
+    for name in ("tokenizer", "tokenized"):
+        (tmp_path / "data" / name).symlink_to(corpus / "data" / name)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path

@@ -299,6 +299,7 @@ def test_scorer_reproduces_the_pipeline_blend_logits(project: Path) -> None:
     assert (frame["predicted_id"] == blend.argmax(1)).all()
 
 
+@pytest.mark.slow
 def test_served_requirements_are_what_loading_the_model_imports(derived: tuple) -> None:
     """Loading and predicting needs torch, tokenizers and scikit-learn, never the training
     and validation libraries; each requirement is pinned to requirements.lock."""
@@ -343,6 +344,7 @@ print(out.to_json(orient="split"))
 """
 
 
+@pytest.mark.slow
 def test_register_logs_a_run_and_a_registry_version(
     registered: dict, store: str, derived: tuple
 ) -> None:
@@ -388,6 +390,7 @@ def test_register_logs_a_run_and_a_registry_version(
     assert sorted(r for r in requirements if r and not r.startswith("#")) == sorted(derived[1])
 
 
+@pytest.mark.slow
 def test_registered_model_predicts_raw_text_in_a_fresh_process(
     registered: dict, store: str, project: Path, tmp_path: Path
 ) -> None:
@@ -462,6 +465,7 @@ def invoke(url: str, payload: dict) -> requests.Response:
     return requests.post(f"{url}/invocations", json=payload, timeout=60)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "payload",
     [
@@ -537,6 +541,7 @@ def predict_cli(cwd: Path, store: str, *args: str) -> subprocess.CompletedProces
     )
 
 
+@pytest.mark.slow
 def test_predict_cli_scores_a_csv(registered: dict, store: str, project: Path) -> None:
     texts = [post(g, 900) for g in (0, 7, 19)]
     pd.DataFrame({"id": ["a", "b", "c"], "text": texts}).to_csv(project / "in.csv", index=False)
@@ -557,6 +562,7 @@ def test_predict_cli_scores_a_csv(registered: dict, store: str, project: Path) -
     )
 
 
+@pytest.mark.slow
 def test_predict_cli_bad_input_is_one_error_line(store: str, tmp_path: Path) -> None:
     pd.DataFrame({"body": ["x"]}).to_csv(tmp_path / "wrong.csv", index=False)
     pd.DataFrame({"text": ["fine", ""]}).to_csv(tmp_path / "empty.csv", index=False)

@@ -23,6 +23,7 @@ def workdir(tmp_path: Path) -> Path:
     return tmp_path / "work"
 
 
+@pytest.mark.slow
 def test_fetch_then_tokenize_succeed_on_a_tiny_archive(workdir: Path, tiny_archive) -> None:
     write_params(workdir / "params.yaml", "experiment=smoke", *archive_overrides(*tiny_archive))
     assert run_stage("fetch", workdir).returncode == 0

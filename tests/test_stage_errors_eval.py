@@ -40,6 +40,7 @@ def workdir(fitted: Path, tmp_path: Path) -> Path:
     return work
 
 
+@pytest.mark.slow
 def test_baseline_calibrate_evaluate_succeed(workdir: Path) -> None:
     preds = pd.read_parquet(workdir / "data/predictions/baseline/predictions.parquet")
     assert set(preds["split"]) == {"validation", "test"} and len(preds) == 80
@@ -87,6 +88,7 @@ def test_baseline_without_documents(tmp_path: Path) -> None:
     assert_failed_cleanly(proc, tmp_path, "documents.parquet", "not found")
 
 
+@pytest.mark.slow
 def test_calibrate_a_model_without_predictions(workdir: Path, tiny_archive) -> None:
     write_params(
         workdir / "params.yaml",
@@ -137,6 +139,7 @@ def test_evaluate_without_calibrators(workdir: Path) -> None:
     )
 
 
+@pytest.mark.slow
 def test_evaluate_with_a_missing_predictions_file(workdir: Path) -> None:
     assert run_stage("calibrate", workdir).returncode == 0
     (workdir / "data/predictions/baseline/predictions.parquet").unlink()

@@ -88,6 +88,7 @@ def workdir(tmp_path: Path, tiny_archive) -> Path:
     return work
 
 
+@pytest.mark.slow
 def test_stages_log_params_metrics_tags_and_artifacts(workdir: Path, tiny_archive) -> None:
     uri = f"sqlite:///{workdir.parent}/store.db"
     for stage in ("fetch", "tokenize"):
@@ -150,6 +151,7 @@ def test_git_source_tags(workdir: Path, tmp_path: Path) -> None:
     assert tags["mlflow.runName"] == "fetch (smoke, bushy-tins)"
 
 
+@pytest.mark.slow
 def test_tracking_never_changes_outputs(workdir: Path, tmp_path: Path) -> None:
     def outputs() -> dict[str, bytes]:
         files = [p for p in sorted(workdir.rglob("*")) if p.is_file()]
@@ -220,6 +222,7 @@ def mlflow_server(tmp_path: Path):
         log.close()
 
 
+@pytest.mark.slow
 def test_stage_logs_to_a_real_tracking_server(workdir: Path, mlflow_server: str) -> None:
     proc = run_stage("fetch", workdir, MLFLOW_TRACKING_URI=mlflow_server)
     assert proc.returncode == 0, proc.stderr
@@ -245,6 +248,7 @@ def read_curve(path: Path) -> list[dict[str, float]]:
     return [dict(zip(header, map(float, line.split(",")), strict=True)) for line in lines[1:]]
 
 
+@pytest.mark.slow
 def test_training_curves_in_mlflow_are_the_dvc_curves(workdir: Path, tmp_path: Path) -> None:
     """The stage's run holds the rows of reports/pretrain/*.csv under pretrain/ names, at
     the same steps with the same values, then the final numbers at the last step."""
@@ -327,6 +331,7 @@ def test_ui_refuses_a_taken_port_in_one_line(workdir: Path, tmp_path: Path) -> N
         assert make.returncode != 0 and f"error: port {port} on 127.0.0.1 is taken" in make.stderr
 
 
+@pytest.mark.slow
 def test_ui_serves_the_store_and_prints_its_runs_table(workdir: Path, tmp_path: Path) -> None:
     uri = f"sqlite:///{tmp_path}/ui.db"
     assert run_stage("fetch", workdir, MLFLOW_TRACKING_URI=uri).returncode == 0
