@@ -31,7 +31,7 @@ from typing import Any, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, first_line
 
 ROOT = Path(__file__).resolve().parent.parent
 CONF_DIR = ROOT / "conf"
@@ -96,7 +96,7 @@ def compose(overrides: list[str] | None = None, conf_dir: Path = CONF_DIR) -> st
             )
             return out.read_text(encoding="utf-8")
     except (HydraException, OmegaConfBaseException) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         if isinstance(exc, MissingConfigException) and exc.options:
             first += f" (available: {', '.join(sorted(exc.options))})"
         raise PipelineError(f"{conf_dir.name}/: overrides {overrides}: {first}") from None

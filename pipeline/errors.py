@@ -15,6 +15,13 @@ class PipelineError(Exception):
     """A failure with a message meant for the user (no traceback needed)."""
 
 
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """The first line of an exception's message (MLflow's ``.message`` when it has one),
+    or its type name: library errors often run to pages, a user's error stays one line."""
+    message = (getattr(exc, "message", None) or str(exc)).strip()
+    return message.splitlines()[0][:limit] if message else type(exc).__name__
+
+
 def run_stage(main: Callable[[], object]) -> None:
     """Run a stage's ``main`` and exit 1 with a one-line message on :class:`PipelineError`."""
     try:

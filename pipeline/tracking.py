@@ -48,7 +48,7 @@ from pydantic import Field
 
 from pipeline.config import PARAMS_FILE, Section, load_section, read_params
 from pipeline.domain import NAME_PATTERN
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, first_line
 
 EXPERIMENT = "newsgroups-pipeline"
 PARAM_VALUE_LIMIT = 6000  # MLflow's limit on a param's value
@@ -279,9 +279,8 @@ class StageRun:
             else:
                 self.experiment_id = experiment.experiment_id
         except Exception as exc:  # mlflow raises many types for an unreachable store
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise PipelineError(
-                f"MLflow tracking store {self.uri} is unreachable ({first[:200]}); "
+                f"MLflow tracking store {self.uri} is unreachable ({first_line(exc, 200)}); "
                 "start it, point MLFLOW_TRACKING_URI elsewhere, or set tracking.enabled=false"
             ) from None
         return client

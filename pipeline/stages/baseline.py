@@ -26,10 +26,10 @@ from pydantic import Field
 
 from pipeline import paths
 from pipeline.config import Section, load_section, load_seed
-from pipeline.domain import GROUPS, LOGIT_COLUMNS, PREDICTION_SPLITS
+from pipeline.domain import GROUPS, PREDICTION_SPLITS
 from pipeline.errors import PipelineError, run_stage
 from pipeline.io import atomic_outputs, sha256_file, write_json
-from pipeline.predictions import make_table, predictions_path, write_predictions
+from pipeline.predictions import make_table, predictions_path, split_scores, write_predictions
 from pipeline.schemas import Documents, Predictions, validate
 from pipeline.tracking import StageRun, split_report
 
@@ -135,15 +135,15 @@ def main() -> None:
         Predictions,
         str(predictions_path(MODEL)),
     )
-    val = table[table["split"] == "validation"]
-    val_pred = val[list(LOGIT_COLUMNS)].to_numpy().argmax(axis=1)
+    scores = split_scores(table, "validation")
     report = {
         "model": "tfidf+logistic_regression",
         "train_documents": len(train),
         **info,
         "fit_seconds": round(fit_seconds, 1),
-        "validation_documents": len(val),
-        "validation_accuracy": float(np.mean(val_pred == val["label"].to_numpy())),
+        "validation_documents": int((table["split"] == "validation").sum()),
+        "validation_accuracy": scores["accuracy"],
+        "validation_nll": scores["nll"],
     }
     with atomic_outputs() as out:
         write_predictions(out, MODEL, table)
@@ -153,7 +153,8 @@ def main() -> None:
         f"{fit_seconds:.1f}s; validation accuracy {report['validation_accuracy']:.4f} "
         f"-> {predictions_path(MODEL)}, {paths.stage_report(MODEL)}"
     )
-    metrics, stats = split_report("baseline", report, {"validation_accuracy": "val_accuracy"})
+    headline = {"validation_accuracy": "val_accuracy", "validation_nll": "val_nll"}
+    metrics, stats = split_report("baseline", report, headline)
     tracking.finish(
         ["seed", "baseline"],
         metrics=metrics,

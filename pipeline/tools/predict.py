@@ -24,7 +24,7 @@ from pathlib import Path
 import pandas as pd
 
 from pipeline import paths
-from pipeline.errors import PipelineError, run_stage
+from pipeline.errors import PipelineError, first_line, run_stage
 from pipeline.io import atomic_outputs
 from pipeline.serving import TEXT_COLUMN, validate_texts
 
@@ -46,8 +46,7 @@ def read_texts(path: Path, column: str = TEXT_COLUMN) -> pd.DataFrame:
         else:
             frame = pd.read_json(path, lines=True, dtype=False)
     except (ValueError, UnicodeDecodeError, pd.errors.ParserError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise PipelineError(f"{path}: cannot read ({first})") from None
+        raise PipelineError(f"{path}: cannot read ({first_line(exc)})") from None
     try:
         validate_texts(frame, column)
     except ValueError as exc:
@@ -88,9 +87,7 @@ def load_model(uri: str, tracking_uri: str | None):  # -> mlflow.pyfunc.PyFuncMo
     try:
         return mlflow.pyfunc.load_model(uri)
     except (MlflowException, OSError) as exc:
-        message = getattr(exc, "message", None) or str(exc)
-        first = message.strip().splitlines()[0] if message.strip() else type(exc).__name__
-        raise PipelineError(f"cannot load model {uri}: {first[:300]}") from None
+        raise PipelineError(f"cannot load model {uri}: {first_line(exc)}") from None
 
 
 def score(model, frame: pd.DataFrame) -> pd.DataFrame:  # model: PyFuncModel
