@@ -11,8 +11,9 @@ loudly instead of being scored.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -21,7 +22,7 @@ import yaml
 from pipeline import paths
 from pipeline.domain import LOGIT_COLUMNS, NAME_PATTERN, PREDICTION_SPLITS, PROB_COLUMNS
 from pipeline.errors import PipelineError
-from pipeline.io import Outputs
+from pipeline.io import Outputs, atomic_outputs, write_json
 from pipeline.schemas import Predictions, Probabilities, validate
 
 MODEL_NAME = re.compile(NAME_PATTERN)
@@ -36,6 +37,21 @@ def write_predictions(out: Outputs, model: str, table: pd.DataFrame) -> Path:
     where it will be once the block commits."""
     table.to_parquet(out.dir(paths.predictions_dir(model)) / paths.PREDICTIONS_FILE, index=False)
     return predictions_path(model)
+
+
+def write_model_outputs(
+    model: str,
+    table: pd.DataFrame,
+    report: dict[str, Any],
+    extra: Callable[[Outputs], None] | None = None,
+) -> None:
+    """A model stage's outputs, all or nothing: what ``extra`` writes into the block (its
+    fitted weights), the predictions table and ``reports/<model>.json``."""
+    with atomic_outputs() as out:
+        if extra is not None:
+            extra(out)
+        write_predictions(out, model, table)
+        write_json(out.file(paths.stage_report(model)), report)
 
 
 def check_listed_in_dvc_yaml(stage: str, models: Sequence[str], key: str) -> None:

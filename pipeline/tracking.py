@@ -46,6 +46,7 @@ from typing import Any
 
 from pydantic import Field
 
+from pipeline import paths
 from pipeline.config import PARAMS_FILE, Section, load_section, read_params
 from pipeline.domain import NAME_PATTERN
 from pipeline.errors import PipelineError, first_line
@@ -324,6 +325,25 @@ class StageRun:
             self._client.log_batch(run_id, metrics=metrics)
 
         return log_row
+
+    def finish_model_stage(
+        self,
+        report: Mapping[str, Any],
+        headline: Mapping[str, str],
+        artifacts: Sequence[Path] = (),
+        inputs: Mapping[str, str] | None = None,
+    ) -> None:
+        """End the run of a model stage (``baseline``, ``wide``, ``blend``): its validation
+        scores named by ``headline`` (report key -> metric) as metrics, the rest of its
+        report as params, with its ``seed`` and own params section, report and artifacts."""
+        metrics, stats = split_report(self.stage, report, headline)
+        self.finish(
+            ["seed", self.stage],
+            metrics=metrics,
+            report=stats,
+            artifacts=[paths.stage_report(self.stage), *artifacts],
+            inputs=inputs,
+        )
 
     def finish(
         self,

@@ -28,10 +28,15 @@ from pipeline import paths
 from pipeline.config import Section, load_section, load_seed
 from pipeline.domain import GROUPS, PREDICTION_SPLITS
 from pipeline.errors import PipelineError, run_stage
-from pipeline.io import atomic_outputs, sha256_file, write_json
-from pipeline.predictions import make_table, predictions_path, split_scores, write_predictions
+from pipeline.io import sha256_file
+from pipeline.predictions import (
+    make_table,
+    predictions_path,
+    split_scores,
+    write_model_outputs,
+)
 from pipeline.schemas import Documents, Predictions, validate
-from pipeline.tracking import StageRun, split_report
+from pipeline.tracking import StageRun
 
 MODEL = "baseline"
 
@@ -145,22 +150,15 @@ def main() -> None:
         "validation_accuracy": scores["accuracy"],
         "validation_nll": scores["nll"],
     }
-    with atomic_outputs() as out:
-        write_predictions(out, MODEL, table)
-        write_json(out.file(paths.stage_report(MODEL)), report)
+    write_model_outputs(MODEL, table, report)
     print(
         f"baseline: {info['features']} features, {info['iterations']} iterations, "
         f"{fit_seconds:.1f}s; validation accuracy {report['validation_accuracy']:.4f} "
         f"-> {predictions_path(MODEL)}, {paths.stage_report(MODEL)}"
     )
     headline = {"validation_accuracy": "val_accuracy", "validation_nll": "val_nll"}
-    metrics, stats = split_report("baseline", report, headline)
-    tracking.finish(
-        ["seed", "baseline"],
-        metrics=metrics,
-        report=stats,
-        artifacts=[paths.stage_report(MODEL)],
-        inputs={"documents": sha256_file(paths.DOCUMENTS)},
+    tracking.finish_model_stage(
+        report, headline, inputs={"documents": sha256_file(paths.DOCUMENTS)}
     )
 
 

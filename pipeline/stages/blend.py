@@ -25,7 +25,7 @@ from pydantic import Field, field_validator
 from pipeline import paths
 from pipeline.config import Section, load_section, load_seed
 from pipeline.errors import PipelineError, run_stage
-from pipeline.io import atomic_outputs, write_json
+from pipeline.io import write_json
 from pipeline.predictions import (
     MODEL_NAME,
     check_listed_in_dvc_yaml,
@@ -35,10 +35,10 @@ from pipeline.predictions import (
     read_documents,
     split_arrays,
     split_scores,
-    write_predictions,
+    write_model_outputs,
 )
 from pipeline.schemas import Predictions, validate
-from pipeline.tracking import StageRun, split_report
+from pipeline.tracking import StageRun
 
 MODEL = "blend"
 
@@ -164,10 +164,12 @@ def main() -> None:
     seed = load_seed()
     tracking = StageRun("blend")
     state, table, report = run(params, seed)
-    with atomic_outputs() as out:
-        write_json(out.dir(paths.BLEND) / paths.BLEND_FILE.name, state)
-        write_predictions(out, MODEL, table)
-        write_json(out.file(paths.stage_report(MODEL)), report)
+    write_model_outputs(
+        MODEL,
+        table,
+        report,
+        lambda out: write_json(out.dir(paths.BLEND) / paths.BLEND_FILE.name, state),
+    )
     weights = " + ".join(f"{w:.3f} x {m}" for m, w in report["weights"].items())
     scores = report["validation"]["blend"]
     print(
@@ -176,13 +178,7 @@ def main() -> None:
         f"{predictions_path(MODEL)}"
     )
     headline = {"validation.blend.accuracy": "val_accuracy", "validation.blend.nll": "val_nll"}
-    metrics, stats = split_report("blend", report, headline)
-    tracking.finish(
-        ["seed", MODEL],
-        metrics=metrics,
-        report=stats,
-        artifacts=[paths.stage_report(MODEL), paths.BLEND],
-    )
+    tracking.finish_model_stage(report, headline, artifacts=[paths.BLEND])
 
 
 if __name__ == "__main__":

@@ -26,10 +26,14 @@ from pipeline.bag import WideModel
 from pipeline.config import Section, load_section, load_seed
 from pipeline.domain import GROUPS, PREDICTION_SPLITS
 from pipeline.errors import run_stage
-from pipeline.io import atomic_outputs, write_json
-from pipeline.predictions import make_table, predictions_path, split_scores, write_predictions
+from pipeline.predictions import (
+    make_table,
+    predictions_path,
+    split_scores,
+    write_model_outputs,
+)
 from pipeline.schemas import Predictions, validate
-from pipeline.tracking import StageRun, split_report
+from pipeline.tracking import StageRun
 
 MODEL = "wide"
 
@@ -96,10 +100,7 @@ def main() -> None:
     model, table, report = run(params, seed)
     if not report["converged"]:
         print(f"wide: warning: LinearSVC did not converge in max_iter={params.max_iter}")
-    with atomic_outputs() as out:
-        model.save(out.dir(paths.WIDE))
-        write_predictions(out, MODEL, table)
-        write_json(out.file(paths.stage_report(MODEL)), report)
+    write_model_outputs(MODEL, table, report, lambda out: model.save(out.dir(paths.WIDE)))
     print(
         f"wide: {report['features_seen_in_train']} features seen in train, "
         f"{report['fit_seconds']:.1f}s; validation accuracy {report['validation_accuracy']:.4f}"
@@ -107,10 +108,7 @@ def main() -> None:
         f"{paths.stage_report(MODEL)}"
     )
     headline = {"validation_accuracy": "val_accuracy", "validation_nll": "val_nll"}
-    metrics, stats = split_report("wide", report, headline)
-    tracking.finish(
-        ["seed", MODEL], metrics=metrics, report=stats, artifacts=[paths.stage_report(MODEL)]
-    )
+    tracking.finish_model_stage(report, headline)
 
 
 if __name__ == "__main__":
