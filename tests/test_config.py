@@ -53,22 +53,39 @@ def test_every_group_option_validates(override: str) -> None:
     validate_params(yaml.safe_load(compose([override])), override)
 
 
-def test_make_params_validates_every_section(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        # every section is validated before anything is written, not only fetch's
+        ("finetune.lr=-1", "finetune.lr=-1: Input should be greater than 0"),
+        (
+            "experiment=nope",
+            "In 'config': Could not find 'experiment/nope' (available: gpu, smoke)",
+        ),
+    ],
+)
+def test_make_params_fails_with_one_line_and_writes_nothing(
+    tmp_path: Path, override: str, message: str
+) -> None:
     import subprocess
     import sys
 
     out = tmp_path / "params.yaml"
     proc = subprocess.run(
-        [sys.executable, "-m", "pipeline.config", "finetune.lr=-1", "-o", str(out)],
+        [sys.executable, "-m", "pipeline.config", override, "-o", str(out)],
         capture_output=True,
         text=True,
         cwd=ROOT,
     )
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines() == [
-        "error: conf/: overrides ['finetune.lr=-1']: finetune.lr=-1: Input should be greater than 0"
+        f"error: conf/: overrides ['{override}']: {message}"
     ]
     assert not out.exists()
+
+
+def test_make_params_names_every_bad_key(tmp_path: Path) -> None:
+    out = tmp_path / "params.yaml"
     with pytest.raises(PipelineError, match=r"wide.C=0: Input should.*; gate.variant='x'"):
         config.main(["wide.C=0", "gate.variant=x", "-o", str(out)])
     assert not out.exists()
@@ -284,21 +301,3 @@ def test_unknown_experiment_is_one_line() -> None:
     text = str(err.value)
     assert "Could not find 'experiment/nope' (available: gpu, smoke)" in text
     assert "\n" not in text
-
-
-def test_make_params_with_an_unknown_experiment_prints_one_error_line(tmp_path: Path) -> None:
-    import subprocess
-    import sys
-
-    proc = subprocess.run(
-        [sys.executable, "-m", "pipeline.config", "experiment=nope", "-o", str(tmp_path / "p")],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-    )
-    assert proc.returncode == 1
-    assert proc.stderr.strip().splitlines() == [
-        "error: conf/: overrides ['experiment=nope']: In 'config': Could not find "
-        "'experiment/nope' (available: gpu, smoke)"
-    ]
-    assert not (tmp_path / "p").exists()
