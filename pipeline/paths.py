@@ -31,6 +31,7 @@ METRICS_DETAIL = REPORTS / "metrics_detail.json"
 PLOTS = REPORTS / "plots"
 FIGURES = REPORTS / "figures"
 REPORT_MD = REPORTS / "report.md"
+RISK_COVERAGE = PLOTS / "risk_coverage.json"
 
 CHECKPOINTS = Path(".checkpoints")  # resumable training state, git- and DVC-ignored
 
@@ -48,6 +49,17 @@ def calibrator_file(model: str) -> Path:
 def stage_report(stage: str) -> Path:
     """A stage's committed JSON report, ``reports/<stage>.json``."""
     return REPORTS / f"{stage}.json"
+
+
+def model_report(stage: str, model: str) -> Path:
+    """The report of one model's run of a per-model stage, ``reports/<stage>/<model>.json``."""
+    return REPORTS / stage / f"{model}.json"
+
+
+def model_plot(kind: str, model: str) -> Path:
+    """One model's DVC plot data of one kind, ``reports/plots/<kind>/<model>.json``: one
+    folder per kind, so dvc.yaml's plots section follows the model list by itself."""
+    return PLOTS / kind / f"{model}.json"
 
 
 def curves_dir(stage: str) -> Path:

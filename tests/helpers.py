@@ -141,10 +141,14 @@ def run(cmd: list[str], cwd: Path, env: dict[str, str] | None = None, check: boo
     return proc
 
 
-def run_stage(stage: str, cwd: Path, **env: str):
-    """Run one stage module as DVC would, in ``cwd``; never raises on failure."""
+def run_stage(stage: str, cwd: Path, *args: str, **env: str):
+    """Run one stage module as DVC would (``args``: a foreach stage's item), in ``cwd``;
+    never raises on failure."""
     return run(
-        [sys.executable, "-m", f"pipeline.stages.{stage}"], cwd, stage_env(**env), check=False
+        [sys.executable, "-m", f"pipeline.stages.{stage}", *args],
+        cwd,
+        stage_env(**env),
+        check=False,
     )
 
 
@@ -180,6 +184,13 @@ def git_commit(repo: Path, message: str = "snapshot") -> None:
 def dvc(repo: Path, *args: str) -> str:
     """Run DVC in ``repo`` (failing the test with its output if it fails)."""
     return run([sys.executable, "-m", "dvc", *args], repo).stdout
+
+
+def dvc_stages(root: Path = ROOT) -> dict[str, dict[str, Any]]:
+    """The stage definitions of ``root/dvc.yaml``; a ``foreach`` stage stands as its ``do``
+    body, ``${item}`` left in place (so ``paths.calibrator_file("${item}")`` matches it)."""
+    stages = yaml.safe_load((root / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
+    return {name: stage.get("do", stage) for name, stage in stages.items()}
 
 
 def ran(output: str) -> set[str]:

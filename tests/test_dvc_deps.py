@@ -18,9 +18,7 @@ import ast
 import re
 from pathlib import Path
 
-import yaml
-
-from tests.helpers import ROOT
+from tests.helpers import ROOT, dvc_stages
 
 PACKAGE = "pipeline"
 NEVER_CHANGE_OUTPUTS = {"pipeline/errors.py", "pipeline/tracking.py"}
@@ -65,7 +63,7 @@ def import_closure(module: str) -> set[str]:
 
 
 def stages() -> dict[str, dict]:
-    return yaml.safe_load((ROOT / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
+    return dvc_stages()
 
 
 def test_import_closure_follows_function_level_imports(tmp_path: Path) -> None:
@@ -81,7 +79,7 @@ def test_import_closure_follows_function_level_imports(tmp_path: Path) -> None:
 def test_every_stage_lists_exactly_the_code_it_imports() -> None:
     problems = []
     for name, stage in stages().items():
-        match = re.fullmatch(r"python -m (pipeline\.stages\.\w+)", stage["cmd"])
+        match = re.fullmatch(r"python -m (pipeline\.stages\.\w+)( \$\{item\})?", stage["cmd"])
         assert match, f"{name}: cmd {stage['cmd']!r} is not `python -m pipeline.stages.<stage>`"
         closure = import_closure(match.group(1))
         for loaded in LOADED_AS_FILES.get(name, ()):

@@ -40,7 +40,9 @@ def test_smoke_pipeline_reruns_only_what_changed(smoke) -> None:
         "finetune",
         "wide",
         "blend",
-        "calibrate",
+        "calibrate@wide",
+        "calibrate@transformer",
+        "calibrate@blend",
         "evaluate",
         "register",
     }

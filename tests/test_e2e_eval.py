@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
+from pipeline.stages.evaluate import PLOT_KINDS
 from tests.helpers import (
     ROOT,
     dvc,
@@ -27,6 +28,7 @@ from tests.helpers import (
 
 VARIANTS = ("uncalibrated", "calibrated")
 MODELS = ("baseline", "wide", "transformer", "blend")
+CALIBRATE = {m: f"calibrate@{m}" for m in MODELS}  # one DVC stage per model of calibrate.models
 PNGS = ("reliability", "confidence", "confusion", "per_class")
 HEADLINE = {"accuracy", "macro_f1", "nll", "brier", "ece", "ece_debiased"}
 IMAGE_LINK = re.compile(r"!\[[^\]]*\]\(([^)\s]+)\)")
@@ -67,13 +69,13 @@ def test_smoke_pipeline_through_evaluate(smoke) -> None:
         "wide",
         "blend",
         "baseline",
-        "calibrate",
+        *CALIBRATE.values(),
         "evaluate",
         "register",
     }
     metrics = read_json(repo / "reports/metrics.json")
     _check_metrics(metrics, read_json(repo / "reports/metrics_detail.json"), n_test=60)
-    assert read_json(repo / "reports/calibrate.json")["baseline"]["method"] == "temperature"
+    assert read_json(repo / "reports/calibrate/baseline.json")["method"] == "temperature"
     figures = repo / "reports/figures"
     for model, name in itertools.product(MODELS, PNGS):
         assert (figures / f"{model}/{name}.png").stat().st_size > 1000
@@ -112,7 +114,8 @@ def test_smoke_pipeline_through_evaluate(smoke) -> None:
     bad = [*(f"-S={o}" for o in overrides), "-S=calibrate.method=nope"]
     failed = run([sys.executable, "-m", "dvc", "exp", "run", *bad], repo, check=False)
     assert failed.returncode != 0 and "calibrate.method='nope'" in failed.stderr
-    assert not (repo / "data/models/calibrator").exists()  # DVC removed the cached output
+    # DVC removed the cached output of the calibrate@<model> stage that failed
+    assert len(list((repo / "data/models/calibrator").glob("*.json"))) < len(MODELS)
     assert {p: p.read_bytes() for p in reports} == reports
     run(["git", "checkout", "--", "params.yaml"], repo)
     dvc(repo, "checkout")
@@ -121,9 +124,9 @@ def test_smoke_pipeline_through_evaluate(smoke) -> None:
 
     # Changing only a calibrate param reruns only calibrate and what reads calibrators.
     exp = dvc(repo, "exp", "run", *(f"-S={o}" for o in overrides), "-S=calibrate.method=vector")
-    assert ran(exp) == {"calibrate", "evaluate", "register"}
+    assert ran(exp) == {*CALIBRATE.values(), "evaluate", "register"}
     assert read_json(repo / "data/models/calibrator/baseline.json")["method"] == "vector"
-    assert read_json(repo / "reports/calibrate.json")["baseline"]["method"] == "vector"
+    assert read_json(repo / "reports/calibrate/baseline.json")["method"] == "vector"
     _check_metrics(
         read_json(repo / "reports/metrics.json"),
         read_json(repo / "reports/metrics_detail.json"),
@@ -137,7 +140,14 @@ def test_smoke_pipeline_through_evaluate(smoke) -> None:
     # A wide param reruns the wide model and what reads it, nothing upstream; a blend
     # param reruns neither model.
     exp = dvc(repo, "exp", "run", *(f"-S={o}" for o in overrides), "-S=wide.C=0.5")
-    assert ran(exp) == {"wide", "blend", "calibrate", "evaluate", "register"}
+    assert ran(exp) == {
+        "wide",
+        "blend",
+        CALIBRATE["wide"],
+        CALIBRATE["blend"],
+        "evaluate",
+        "register",
+    }
     served = [
         repo / "data/models/blend/blend.json",
         repo / "data/models/calibrator/blend.json",
@@ -150,13 +160,21 @@ def test_smoke_pipeline_through_evaluate(smoke) -> None:
     # register reads the blend's weights, its calibrator and metrics: on the smoke data the
     # folds change neither (the blend separates the classes), so it is rightly skipped
     changed = [p.read_bytes() for p in served] != served_before
-    assert ran(exp) == {"blend", "calibrate", "evaluate"} | ({"register"} if changed else set())
+    rerun = {"blend", CALIBRATE["blend"], "evaluate"}
+    assert ran(exp) == rerun | ({"register"} if changed else set())
     assert read_json(repo / "reports/blend.json")["folds"] == 3
 
     # Changing only a finetune param reruns finetune and what follows, never pretrain.
     kept = ["-S=wide.C=0.5", "-S=blend.folds=3"]  # the workspace's values: only finetune moves
     exp = dvc(repo, "exp", "run", *(f"-S={o}" for o in overrides), *kept, "-S=finetune.dropout=0.2")
-    assert ran(exp) == {"finetune", "blend", "calibrate", "evaluate", "register"}
+    assert ran(exp) == {
+        "finetune",
+        "blend",
+        CALIBRATE["transformer"],
+        CALIBRATE["blend"],
+        "evaluate",
+        "register",
+    }
     pretrained = repo / "data/models/pretrained/model.safetensors"
     assert pretrained.read_bytes() == before[pretrained]
 
@@ -172,6 +190,24 @@ def test_smoke_pipeline_through_evaluate(smoke) -> None:
     header = next(line for line in lines if "Experiment" in line)
     assert "blend.calibrated.accuracy" in header and "finetune.dropout" in header
     assert "uncalibrated" not in compare and "transformer.calibrated" not in compare
+
+    # calibrate.models is the one list of models: dropping two reruns only evaluate (and
+    # register, which reads metrics.json), and their rows and plots leave the outputs.
+    kept.append("-S=finetune.dropout=0.2")
+    exp = dvc(
+        repo,
+        "exp",
+        "run",
+        *(f"-S={o}" for o in overrides),
+        *kept,
+        "-S=calibrate.models=[baseline,blend]",
+    )
+    assert ran(exp) - {"register"} == {"evaluate"}
+    assert set(read_json(repo / "reports/metrics.json")) == {"baseline", "blend"}
+    assert {p.name for p in (repo / "reports/plots/reliability").iterdir()} == {
+        "baseline.json",
+        "blend.json",
+    }
 
 
 def check_tracking_store(metrics: dict, commit: str) -> None:
@@ -250,18 +286,19 @@ def check_plots(repo: Path) -> None:
     """`dvc plots show` with the project's templates, and the offline page of `make plots`."""
     shown = json.loads(dvc(repo, "plots", "show", "--json"))
     assert not shown.get("errors"), shown.get("errors")
-    assert {
-        "Reliability, blend",
-        "Confidence histogram, blend",
-        "Confusion, blend",
+    per_model = {f"reports/plots/{kind}/{m}.json" for kind in PLOT_KINDS for m in MODELS}
+    assert per_model | {
         "Pretraining loss",
         "Fine-tuning loss",
         "Risk-coverage (calibrated)",
     } <= set(shown["data"])
-    spec = json.dumps(shown["data"]["Reliability, blend"][0]["content"])
+    spec = json.dumps(shown["data"]["reports/plots/reliability/blend.json"][0]["content"])
     assert '"strokeDash"' in spec and '"count"' in spec  # diagonal and bin counts
-    histogram = json.dumps(shown["data"]["Confidence histogram, blend"][0]["content"])
+    assert '"uncalibrated"' in spec and '"calibrated"' in spec  # both panels from one file
+    histogram = json.dumps(shown["data"]["reports/plots/confidence/blend.json"][0]["content"])
     assert '"stack": "zero"' in histogram and "smooth" not in histogram
+    risk = json.dumps(shown["data"]["Risk-coverage (calibrated)"][0]["content"])
+    assert all(f'"model": "{m}"' in risk for m in MODELS)  # one line per model
     page = repo / ".tools/plots.html"
     modules = ROOT / ".tools/node_modules"  # `make test` installs vega there with npm
     run(

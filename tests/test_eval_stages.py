@@ -27,6 +27,7 @@ from pipeline.stages.calibrate import CalibrateParams, calibrate_model
 from pipeline.stages.evaluate import (
     FIGURE_NAMES,
     HEADLINE,
+    PLOT_KINDS,
     EvaluateParams,
     confident_mistakes,
     disagreement,
@@ -239,16 +240,22 @@ def test_evaluate_scores_plots_and_reports(tmp_path: Path) -> None:
 
     params = default_section("evaluate", bootstrap=20)
     write_views(tmp_path / "plots", tmp_path / "figures", "m", probs, labels, params)
-    names = {p.name for p in (tmp_path / "plots/m").iterdir()}
-    assert "confusion.json" in names and not any(n.endswith(".png") for n in names)
+    assert {
+        p.relative_to(tmp_path / "plots").as_posix()
+        for p in (tmp_path / "plots").rglob("*")
+        if p.is_file()
+    } == {f"{kind}/m.json" for kind in PLOT_KINDS}
     assert {p.name for p in (tmp_path / "figures/m").iterdir()} == {
         f"{n}.png" for n in FIGURE_NAMES
     }
-    rel = json.loads((tmp_path / "plots/m/reliability_calibrated.json").read_text())
-    assert sum(r["count"] for r in rel) == len(labels)
-    assert {(r["model"], r["calibration"]) for r in rel} == {("m", "calibrated")}
-    confusion = json.loads((tmp_path / "plots/m/confusion.json").read_text())
+    rel = json.loads((tmp_path / "plots/reliability/m.json").read_text())
+    for variant in ("uncalibrated", "calibrated"):  # both panels of the reliability template
+        rows = [r for r in rel if r["calibration"] == variant]
+        assert sum(r["count"] for r in rows) == len(labels) and {r["model"] for r in rows} == {"m"}
+    confusion = json.loads((tmp_path / "plots/confusion/m.json").read_text())
     assert len(confusion) == len(labels) and set(confusion[0]) == {"actual", "predicted"}
+    per_class = json.loads((tmp_path / "plots/per_class/m.json").read_text())
+    assert sum(r["support"] for r in per_class) == len(labels)
 
     metrics, detail = {"m": head}, {"m": rest}
     report = render_report(metrics, detail, {"m": "temperature"}, ["m"], 20)
@@ -317,18 +324,20 @@ def test_metrics_table_rejects_nonsense() -> None:
     assert "ordered" in str(info.value)
 
 
-def test_load_calibrators_errors(tmp_path: Path) -> None:
-    with pytest.raises(PipelineError, match="not found"):
-        load_calibrators(tmp_path / "missing")
-    (tmp_path / "cal").mkdir()
-    with pytest.raises(PipelineError, match="no calibrators"):
-        load_calibrators(tmp_path / "cal")
-    (tmp_path / "cal/m.json").write_text('{"method": "temperature", "num_classes": 20}')
+def test_load_calibrators_reads_the_listed_models_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(PipelineError, match=r"calibrator/m.json: not found .*calibrate@m"):
+        load_calibrators(["m"])
+    folder = tmp_path / "data/models/calibrator"
+    folder.mkdir(parents=True)
+    (folder / "m.json").write_text('{"method": "temperature", "num_classes": 20}')
     with pytest.raises(PipelineError, match="m.json: calibrator state: missing key"):
-        load_calibrators(tmp_path / "cal")
-    state = TemperatureScaling(K, 1.5).to_dict()
-    (tmp_path / "cal/m.json").write_text(json.dumps(state))
-    assert load_calibrators(tmp_path / "cal")["m"].temperature == 1.5
+        load_calibrators(["m"])
+    (folder / "m.json").write_text(json.dumps(TemperatureScaling(K, 1.5).to_dict()))
+    (folder / "stale.json").write_text("left by a model no longer listed")
+    assert load_calibrators(["m"])["m"].temperature == 1.5
 
 
 def test_the_committed_report_renders_from_the_committed_tree() -> None:

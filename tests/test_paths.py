@@ -7,13 +7,12 @@ from pathlib import Path
 import yaml
 
 from pipeline import paths
-from tests.helpers import ROOT
+from tests.helpers import ROOT, dvc_stages
 
 
 def dvc_outs() -> set[str]:
-    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
     found = set()
-    for stage in stages.values():
+    for stage in dvc_stages().values():
         for entry in stage.get("outs", []) + stage.get("metrics", []):
             found.add(next(iter(entry)) if isinstance(entry, dict) else entry)
     return found
@@ -22,11 +21,12 @@ def dvc_outs() -> set[str]:
 def module_paths() -> set[str]:
     """Every artifact path pipeline.paths defines, constants and per-stage builders."""
     found = {v.as_posix() for v in vars(paths).values() if isinstance(v, Path)}
-    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
-    for name in stages:
+    for name in dvc_stages():
         found.add(paths.stage_report(name).as_posix())
         found.add(paths.curves_dir(name).as_posix())
         found.add(paths.predictions_dir(name).as_posix())
+        found.add(paths.model_report(name, "${item}").as_posix())
+    found.add(paths.calibrator_file("${item}").as_posix())
     found.add(paths.stage_report("data").as_posix())
     found.add(paths.predictions_dir("transformer").as_posix())
     return found
@@ -39,7 +39,28 @@ def test_every_dvc_output_is_a_path_of_the_paths_module() -> None:
 
 def test_every_artifact_constant_is_a_dvc_output_or_inside_one() -> None:
     outs = [Path(o) for o in dvc_outs()]
-    parents = {paths.DATA, paths.MODELS, paths.PREDICTIONS, paths.REPORTS, paths.CHECKPOINTS}
+    parents = {
+        paths.DATA,
+        paths.MODELS,
+        paths.PREDICTIONS,
+        paths.CALIBRATORS,
+        paths.REPORTS,
+        paths.CHECKPOINTS,
+    }
     constants = [v for v in vars(paths).values() if isinstance(v, Path) and v not in parents]
     orphans = [c for c in constants if not any(c == o or o in c.parents for o in outs)]
     assert not orphans, f"paths no dvc.yaml stage writes: {orphans}"
+
+
+def test_dvc_plots_follow_the_model_list() -> None:
+    """dvc.yaml's plots name the per-kind folders of evaluate (one file per model inside),
+    never a model's own file, so a model added to calibrate.models brings its plots."""
+    from pipeline.stages.evaluate import PLOT_KINDS
+
+    plots = yaml.safe_load((ROOT / "dvc.yaml").read_text(encoding="utf-8"))["plots"]
+    ids = {next(iter(p)) if isinstance(p, dict) else p for p in plots}
+    folders = {paths.model_plot(kind, "m").parent.as_posix() for kind in PLOT_KINDS}
+    assert folders <= ids
+    named = " ".join(str(p) for p in plots)
+    models = yaml.safe_load((ROOT / "conf/calibrate/default.yaml").read_text())["models"]
+    assert not [m for m in models if f"/{m}/" in named or f"/{m}." in named]

@@ -48,10 +48,13 @@ def test_baseline_calibrate_evaluate_succeed(workdir: Path) -> None:
     val = preds[preds["split"] == "validation"]
     accuracy = (val[list(LOGIT_COLUMNS)].to_numpy().argmax(1) == val["label"]).mean()
     assert report["converged"] and report["validation_accuracy"] == pytest.approx(accuracy)
-    for stage in ("calibrate", "evaluate"):
-        proc = run_stage(stage, workdir)
+    for stage, args in (("calibrate", ["baseline"]), ("evaluate", [])):
+        proc = run_stage(stage, workdir, *args)
         assert proc.returncode == 0, proc.stderr
     assert (workdir / "data/models/calibrator/baseline.json").is_file()
+    assert json.loads((workdir / "reports/calibrate/baseline.json").read_text())["method"]
+    for kind in ("reliability", "confidence", "confusion", "per_class"):
+        assert (workdir / f"reports/plots/{kind}/baseline.json").is_file()
     metrics = json.loads((workdir / "reports/metrics.json").read_text())
     detail = json.loads((workdir / "reports/metrics_detail.json").read_text())
     assert detail["ece_bins"] == 15 and detail["baseline"]["calibrated"]["n"] == 60
@@ -59,6 +62,19 @@ def test_baseline_calibrate_evaluate_succeed(workdir: Path) -> None:
     assert (workdir / "reports/figures/baseline/reliability.png").stat().st_size > 1000
     assert "baseline" in (workdir / "reports/report.md").read_text()
     assert not list(workdir.rglob("*.tmp"))
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        ([], "usage: python -m pipeline.stages.calibrate <model>"),
+        (["baseline", "wide"], "usage: python -m pipeline.stages.calibrate <model>"),
+        (["wide"], "model 'wide' is not in calibrate.models (baseline)"),
+    ],
+)
+def test_calibrate_needs_one_listed_model(workdir: Path, args: list[str], fragment: str) -> None:
+    before = stage_files(workdir)
+    assert_failed_cleanly(run_stage("calibrate", workdir, *args), workdir, fragment, before=before)
 
 
 @pytest.mark.parametrize(
@@ -77,8 +93,9 @@ def test_invalid_params(workdir: Path, tiny_archive, stage: str, override: str, 
         workdir / "params.yaml", *BASELINE_ONLY, override, *archive_overrides(*tiny_archive)
     )
     before = stage_files(workdir)
+    args = ["baseline"] if stage == "calibrate" else []
     assert_failed_cleanly(
-        run_stage(stage, workdir), workdir, "params.yaml", fragment, before=before
+        run_stage(stage, workdir, *args), workdir, "params.yaml", fragment, before=before
     )
 
 
@@ -98,7 +115,7 @@ def test_calibrate_a_model_without_predictions(workdir: Path, tiny_archive) -> N
     )
     before = stage_files(workdir)
     assert_failed_cleanly(
-        run_stage("calibrate", workdir),
+        run_stage("calibrate", workdir, "transformer"),
         workdir,
         "data/predictions/transformer/predictions.parquet",
         "not found",
@@ -112,7 +129,11 @@ def test_predictions_on_other_documents(workdir: Path) -> None:
     preds.iloc[:-1].to_parquet(path, index=False)  # one test document missing
     before = stage_files(workdir)
     assert_failed_cleanly(
-        run_stage("calibrate", workdir), workdir, "ids do not match", "test document", before=before
+        run_stage("calibrate", workdir, "baseline"),
+        workdir,
+        "ids do not match",
+        "test document",
+        before=before,
     )
 
 
@@ -122,7 +143,7 @@ def test_corrupt_predictions_schema(workdir: Path) -> None:
     preds.loc[0, "logit_0"] = float("inf")
     preds.to_parquet(path, index=False)
     before = stage_files(workdir)
-    proc = run_stage("calibrate", workdir)
+    proc = run_stage("calibrate", workdir, "baseline")
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert "failed 1 check(s) of Predictions" in proc.stderr and "finite" in proc.stderr
     assert stage_files(workdir) == before
@@ -133,7 +154,7 @@ def test_evaluate_without_calibrators(workdir: Path) -> None:
     assert_failed_cleanly(
         run_stage("evaluate", workdir),
         workdir,
-        "data/models/calibrator",
+        "data/models/calibrator/baseline.json",
         "not found",
         before=before,
     )
@@ -141,7 +162,7 @@ def test_evaluate_without_calibrators(workdir: Path) -> None:
 
 @pytest.mark.slow
 def test_evaluate_with_a_missing_predictions_file(workdir: Path) -> None:
-    assert run_stage("calibrate", workdir).returncode == 0
+    assert run_stage("calibrate", workdir, "baseline").returncode == 0
     (workdir / "data/predictions/baseline/predictions.parquet").unlink()
     before = stage_files(workdir)
     assert_failed_cleanly(

@@ -1,17 +1,21 @@
 """Stage `calibrate`: fit a post-hoc calibrator per model on its validation logits only.
 
-For every model in ``calibrate.models`` it reads ``data/predictions/<model>/predictions
+DVC runs it once per model of ``calibrate.models`` (stages ``calibrate@<model>``, a
+``foreach`` over that list, so adding a model adds its stage and deps):
+``python -m pipeline.stages.calibrate <model>`` reads ``data/predictions/<model>/predictions
 .parquet``, fits ``calibrate.method`` on the validation rows (the test rows are never
 read here) and saves the calibrator as JSON. ``method: auto`` compares
 ``calibrate.auto_methods`` by stratified K-fold cross-validated NLL on the validation
 split and refits the winner on all of it.
 
 Outputs: ``data/models/calibrator/<model>.json`` (:meth:`Calibrator.to_dict`) and
-``reports/calibrate.json`` (method, validation NLL/ECE before and after, CV table).
+``reports/calibrate/<model>.json`` (method, validation NLL/ECE before and after, CV table).
+MLflow: one run per model, ``calibrate/<model>``.
 """
 
 from __future__ import annotations
 
+import sys
 from typing import Any, Literal
 
 from pydantic import Field, field_validator
@@ -19,12 +23,11 @@ from pydantic import Field, field_validator
 from pipeline import paths
 from pipeline.calibration import fit_calibrator, select_auto, softmax
 from pipeline.config import Section, load_section, load_seed
-from pipeline.errors import run_stage
+from pipeline.errors import PipelineError, run_stage
 from pipeline.io import atomic_outputs, write_json
 from pipeline.metrics import ece, nll
 from pipeline.predictions import (
     MODEL_NAME,
-    check_listed_in_dvc_yaml,
     load_predictions,
     read_documents,
     split_arrays,
@@ -78,8 +81,9 @@ class CalibrateParams(Section):
 
     models: list[str] = Field(
         min_length=1,
-        description="Models calibrated and evaluated (each needs data/predictions/<model>/, a "
-        "dep of calibrate and evaluate).",
+        description="Models calibrated and evaluated, the one list of models: dvc.yaml runs a "
+        "calibrate@<model> stage for each, and evaluate scores each (every model needs "
+        "data/predictions/<model>/).",
     )
     method: MethodOrAuto = Field(
         description="temperature, ets, temperature_platt, vector, matrix, histogram, isotonic, "
@@ -133,44 +137,49 @@ def calibrate_model(
     return calibrator, report
 
 
+def model_to_calibrate(argv: list[str], models: list[str]) -> str:
+    """The one model named on the command line; it must be listed in ``calibrate.models``
+    (dvc.yaml runs one ``calibrate@<model>`` stage per entry of that list)."""
+    if len(argv) != 1:
+        raise PipelineError(
+            "usage: python -m pipeline.stages.calibrate <model> (one of calibrate.models: "
+            f"{', '.join(models)})"
+        )
+    if argv[0] not in models:
+        raise PipelineError(
+            f"calibrate: model {argv[0]!r} is not in calibrate.models ({', '.join(models)})"
+        )
+    return argv[0]
+
+
 def main() -> None:
     params = load_section("calibrate", CalibrateParams)
-    check_listed_in_dvc_yaml("calibrate", params.models, "calibrate.models")
+    model = model_to_calibrate(sys.argv[1:], params.models)
     seed = load_seed()
-    tracking = StageRun("calibrate")
-    docs = read_documents()
-    calibrators, reports = {}, {}
-    for model in params.models:
-        preds = load_predictions(model, docs)
-        _, logits, labels = split_arrays(preds, "validation")
-        calibrator, report = calibrate_model(logits, labels, params, seed)
-        calibrators[model], reports[model] = calibrator, report
-        chosen = f"auto -> {report['method']}" if params.method == "auto" else report["method"]
-        print(
-            f"calibrate: {model}: {chosen}, validation NLL "
-            f"{report['validation_nll_before']:.4f} -> {report['validation_nll_after']:.4f} "
-            "(in-sample)"
-        )
-    with atomic_outputs() as out:
-        folder = out.dir(paths.CALIBRATORS)
-        for model, calibrator in calibrators.items():
-            write_json(folder / f"{model}.json", calibrator.to_dict())
-        write_json(out.file(paths.stage_report("calibrate")), reports)
+    tracking = StageRun("calibrate", models=[model])
+    preds = load_predictions(model, read_documents())
+    _, logits, labels = split_arrays(preds, "validation")
+    calibrator, report = calibrate_model(logits, labels, params, seed)
+    chosen = f"auto -> {report['method']}" if params.method == "auto" else report["method"]
     print(
-        f"calibrate: {len(calibrators)} calibrator(s) -> {paths.CALIBRATORS}/, "
-        f"{paths.stage_report('calibrate')}"
+        f"calibrate: {model}: {chosen}, validation NLL "
+        f"{report['validation_nll_before']:.4f} -> {report['validation_nll_after']:.4f} "
+        "(in-sample)"
     )
-    headline = {
-        f"{model}.validation_{name}_after": f"{model}/val_{name}"
-        for model in reports
-        for name in ("nll", "ece")
-    }
-    metrics, stats = split_report("calibrate", reports, headline)
+    calibrator_file = paths.calibrator_file(model)
+    report_file = paths.model_report("calibrate", model)
+    with atomic_outputs() as out:
+        write_json(out.file(calibrator_file), calibrator.to_dict())
+        write_json(out.file(report_file), report)
+    print(f"calibrate: {model} -> {calibrator_file}, {report_file}")
+    headline = {f"validation_{name}_after": f"val_{name}" for name in ("nll", "ece")}
+    metrics, stats = split_report("calibrate", report, headline)
     tracking.finish(
         ["seed", "calibrate"],
         metrics=metrics,
         report=stats,
-        artifacts=[paths.stage_report("calibrate"), paths.CALIBRATORS],
+        artifacts=[report_file, calibrator_file],
+        model=model,
     )
 
 

@@ -1,11 +1,12 @@
 """Stage `evaluate`: score every calibrated model on the test split, before and after.
 
-For each calibrator in ``data/models/calibrator/<model>.json`` (written by `calibrate`)
-it reads the model's test rows from ``data/predictions/<model>/predictions.parquet`` and
-computes, for the plain softmax ("uncalibrated") and the calibrated probabilities, every
-metric of :func:`pipeline.metrics.summarize`: accuracy, macro-F1, NLL, Brier, ECE with 15
-equal-width bins over top-label confidence (Guo et al. 2017), its debiased estimate
-(Kumar et al. 2019), adaptive (equal-mass) ECE, MCE, classwise ECE, AURC, and bootstrap
+For each model of ``calibrate.models`` (the one list of models) it takes the calibrator
+``data/models/calibrator/<model>.json`` (written by ``calibrate@<model>``), reads the
+model's test rows from ``data/predictions/<model>/predictions.parquet`` and computes,
+for the plain softmax ("uncalibrated") and the calibrated probabilities, every metric of
+:func:`pipeline.metrics.summarize`: accuracy, macro-F1, NLL, Brier, ECE with 15 equal-width
+bins over top-label confidence (Guo et al. 2017), its debiased estimate (Kumar et al.
+2019), adaptive (equal-mass) ECE, MCE, classwise ECE, AURC, and bootstrap
 95% intervals for accuracy and ECE. Only test rows are read here; nothing is fitted.
 
 Outputs, every number a fraction (accuracy 0.8695, not 86.95) on every surface:
@@ -48,13 +49,13 @@ from pipeline.errors import PipelineError, run_stage
 from pipeline.io import atomic_outputs, write_json
 from pipeline.metrics import N_BINS, summarize
 from pipeline.predictions import (
-    check_listed_in_dvc_yaml,
     load_predictions,
     read_documents,
     split_arrays,
     validate_probabilities,
 )
 from pipeline.schemas import MetricsRow, validate
+from pipeline.stages.calibrate import CalibrateParams
 from pipeline.tracking import StageRun
 
 VARIANTS = ("uncalibrated", "calibrated")
@@ -81,6 +82,8 @@ TABLE_COLUMNS = (
     ("aurc", "AURC"),
 )
 FIGURE_NAMES = ("reliability", "confidence", "confusion", "per_class")
+PLOT_KINDS = ("reliability", "confidence", "confusion", "per_class")
+"""The folders of ``reports/plots/`` with one file per model; dvc.yaml's plots name them."""
 ERROR_ROWS = 10  # rows of each error-analysis table
 
 
@@ -102,22 +105,21 @@ class EvaluateParams(Section):
     )
 
 
-def load_calibrators(folder: Path = paths.CALIBRATORS) -> dict[str, Calibrator]:
-    """Every ``<model>.json`` calibrator in ``folder``, by model name, sorted."""
-    if not folder.is_dir():
-        raise PipelineError(f"{folder}: not found (run `dvc repro calibrate` first)")
+def load_calibrators(models: Sequence[str]) -> dict[str, Calibrator]:
+    """The calibrator of each model in ``models`` (``calibrate.models``), in that order."""
     found = {}
-    for path in sorted(folder.glob("*.json")):
+    for model in models:
+        path = paths.calibrator_file(model)
+        if not path.is_file():
+            raise PipelineError(f"{path}: not found (run `dvc repro calibrate@{model}` first)")
         try:
             state = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as exc:
             raise PipelineError(f"{path}: not a readable calibrator ({exc})") from None
         try:
-            found[path.stem] = Calibrator.from_dict(state)
+            found[model] = Calibrator.from_dict(state)
         except PipelineError as exc:
             raise PipelineError(f"{path}: {exc}") from None
-    if not found:
-        raise PipelineError(f"{folder}: no calibrators (run `dvc repro calibrate` first)")
     return found
 
 
@@ -146,29 +148,34 @@ def write_views(
     labels: np.ndarray,
     params: EvaluateParams,
 ) -> None:
-    """One model's DVC plot JSON under ``plot_dir/<model>/`` and the PNGs ``report.md``
-    links under ``figure_dir/<model>/``. Plot rows carry ``model`` and ``calibration`` so
-    the templates in ``.dvc/plots/`` can facet and title by them."""
-    out = plot_dir / model
-    out.mkdir(parents=True, exist_ok=True)
+    """One model's DVC plot JSON, ``plot_dir/<kind>/<model>.json`` (one folder per kind,
+    which dvc.yaml's plots section names, so a new model's plots appear by themselves),
+    and the PNGs ``report.md`` links under ``figure_dir/<model>/``. Plot rows carry
+    ``model`` and ``calibration`` so the templates in ``.dvc/plots/`` can facet by them."""
     preds = probs["calibrated"].argmax(axis=1)
 
     def tagged(rows: list[dict[str, Any]], variant: str) -> list[dict[str, Any]]:
         return [{"model": model, "calibration": variant, **row} for row in rows]
 
-    for variant, p in probs.items():
-        write_json(
-            out / f"reliability_{variant}.json", tagged(plots.reliability_rows(p, labels), variant)
-        )
-        write_json(
-            out / f"confidence_{variant}.json",
-            tagged(plots.confidence_rows(p, labels, params.histogram_bins), variant),
-        )
-        write_json(
-            out / f"risk_coverage_{variant}.json",
-            tagged(plots.risk_coverage_rows(p, labels, params.curve_points), variant),
-        )
-    write_json(out / "confusion.json", plots.confusion_rows(labels, preds, GROUPS))
+    def write_plot(kind: str, rows: list[dict[str, Any]]) -> None:
+        path = plot_dir / paths.model_plot(kind, model).relative_to(paths.PLOTS)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json(path, rows)
+
+    write_plot(
+        "reliability",
+        [r for v, p in probs.items() for r in tagged(plots.reliability_rows(p, labels), v)],
+    )
+    write_plot(
+        "confidence",
+        [
+            r
+            for v, p in probs.items()
+            for r in tagged(plots.confidence_rows(p, labels, params.histogram_bins), v)
+        ],
+    )
+    write_plot("confusion", plots.confusion_rows(labels, preds, GROUPS))
+    write_plot("per_class", tagged(plots.per_class_rows(labels, preds, GROUPS), "calibrated"))
 
     out = figure_dir / model
     before, after = probs["uncalibrated"], probs["calibrated"]
@@ -423,9 +430,8 @@ def error_model(metrics: Mapping[str, Any], models: Sequence[str]) -> str:
 def main() -> None:
     params = load_section("evaluate", EvaluateParams)
     seed = load_seed()
-    calibrators = load_calibrators()
-    models = list(calibrators)
-    check_listed_in_dvc_yaml("evaluate", models, "calibrate.models")
+    models = load_section("calibrate", CalibrateParams).models
+    calibrators = load_calibrators(models)
     tracking = StageRun("evaluate", models=models)  # one run per model, from now
     docs = read_documents()
     metrics: dict[str, Any] = {}
@@ -458,6 +464,14 @@ def main() -> None:
         validate(pd.DataFrame(rows), MetricsRow, str(paths.METRICS))
         # All models are scored on the same test documents (sorted by id), so one plot fits.
         plots.risk_coverage_plot(test_probs, labels, figure_dir / "risk_coverage.png")
+        write_json(
+            plot_dir / paths.RISK_COVERAGE.relative_to(paths.PLOTS),
+            [
+                {"model": model, **row}
+                for model, p in test_probs.items()
+                for row in plots.risk_coverage_rows(p, labels, params.curve_points)
+            ],
+        )
         focus = error_model(metrics, models)
         errors = {
             "model": focus,
