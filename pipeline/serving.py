@@ -10,8 +10,8 @@ settings the classifier was trained with). A text is tokenized whole without spe
 tokens, then chunked by the fine-tuning collator
 (:class:`pipeline.encoder.collate.ClassifyCollator`) and scored by the loop that wrote the
 ``finetune`` predictions (:func:`pipeline.encoder.inference.predict_logits`), and bagged
-exactly like the ``wide`` stage does (:class:`pipeline.bag.WideModel`), so served logits
-equal the pipeline's ``blend`` logits.
+exactly like the ``wide`` stage does (:class:`pipeline.wide_model.WideModel`), so served
+logits equal the pipeline's ``blend`` logits.
 
 Serving imports neither Lightning, pandera nor torchmetrics (training and validation
 tools): the registered model's requirements are derived from what it imports
@@ -42,10 +42,10 @@ from pipeline.domain import GROUPS, special_token_mismatch
 from pipeline.errors import PipelineError
 
 if TYPE_CHECKING:  # torch and scikit-learn load only when a model does
-    from pipeline.bag import WideModel
     from pipeline.calibration import Calibrator
     from pipeline.encoder.collate import ClassifyCollator
     from pipeline.encoder.model import Classifier
+    from pipeline.wide_model import WideModel
 
 TEXT_COLUMN = "text"
 SERVING_FILE = "serving.json"
@@ -168,10 +168,10 @@ class Scorer:
         """Rebuild the scorer from the files the pipeline stages wrote."""
         from tokenizers import Tokenizer
 
-        from pipeline.bag import WideModel
         from pipeline.calibration import Calibrator
         from pipeline.encoder.collate import ClassifyCollator
         from pipeline.encoder.model import Classifier, ModelParams, load_model_files
+        from pipeline.wide_model import WideModel
 
         tokenizer = Tokenizer.from_file(str(files.tokenizer))
         mismatch = special_token_mismatch(tokenizer)

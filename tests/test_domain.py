@@ -52,6 +52,7 @@ def test_serving_imports_no_training_or_validation_library() -> None:
         "pipeline.served_model",
         "pipeline.serving",
         "pipeline.bag",
+        "pipeline.wide_model",
         "pipeline.calibration",
         "pipeline.encoder.collate",
         "pipeline.encoder.inference",

@@ -8,10 +8,11 @@ import pandas as pd
 import pytest
 import yaml
 
-from pipeline.bag import WideModel, bag_features, count_matrix
+from pipeline.bag import bag_features, count_matrix
 from pipeline.errors import PipelineError
 from pipeline.predictions import make_table
 from pipeline.stages.blend import blended, cross_fit, fit_weights, fold_ids
+from pipeline.wide_model import WideModel
 from tests.helpers import ROOT, assert_failed_cleanly, params_with, run_stage, stage_files
 
 VOCAB = 50

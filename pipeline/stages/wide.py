@@ -1,8 +1,9 @@
 """Stage `wide`: a linear model over the bag of BPE tokens and hashed token bigrams.
 
 Reads ``data/tokenized`` (the same tokens the transformer sees, whole documents) and fits
-:class:`pipeline.bag.WideModel` (sublinear TF-IDF with the IDF of the train split, then a
-one-vs-rest LinearSVC) on the train split only; validation and test are only predicted.
+:class:`pipeline.wide_model.WideModel` (sublinear TF-IDF with the IDF of the train split,
+then a one-vs-rest LinearSVC) on the train split only; validation and test are only
+predicted.
 It memorises rare, telling tokens (senders, organisations, product names) that a small
 encoder learns slowly, and it is fast (about 20 s on the full data): changing its params
 never retrains the encoder.
@@ -22,7 +23,6 @@ import pandas as pd
 from pydantic import Field
 
 from pipeline import paths
-from pipeline.bag import WideModel
 from pipeline.config import Section, load_section, load_seed
 from pipeline.domain import GROUPS, PREDICTION_SPLITS
 from pipeline.errors import run_stage
@@ -34,6 +34,7 @@ from pipeline.predictions import (
 )
 from pipeline.schemas import Predictions, validate
 from pipeline.tracking import StageRun
+from pipeline.wide_model import WideModel
 
 MODEL = "wide"
 
