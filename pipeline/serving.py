@@ -250,7 +250,7 @@ class Scorer:
         if self.encoder is not None:
             parts["transformer"] = self.encoder_logits(tokens)
         if self.wide is not None:
-            parts["wide"] = self.wide.logits(tokens)
+            parts["wide"] = self.wide.logits(tokens, texts)
         return sum(w * parts[m] for m, w in self.weights.items())
 
     def probabilities(self, texts: Sequence[str]) -> np.ndarray:

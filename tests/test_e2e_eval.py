@@ -139,7 +139,9 @@ def test_smoke_pipeline_through_evaluate(smoke) -> None:
 
     # A wide param reruns the wide model and what reads it, nothing upstream; a blend
     # param reruns neither model.
-    exp = dvc(repo, "exp", "run", *(f"-S={o}" for o in overrides), "-S=wide.C=0.5")
+    # (every experiment keeps the workspace's values of the params changed before it)
+    kept = ["-S=calibrate.method=vector", "-S=wide.C=0.5"]
+    exp = dvc(repo, "exp", "run", *(f"-S={o}" for o in overrides), *kept)
     assert ran(exp) == {
         "wide",
         "blend",
@@ -154,9 +156,8 @@ def test_smoke_pipeline_through_evaluate(smoke) -> None:
         repo / "reports/metrics.json",
     ]
     served_before = [p.read_bytes() for p in served]
-    exp = dvc(
-        repo, "exp", "run", *(f"-S={o}" for o in overrides), "-S=wide.C=0.5", "-S=blend.folds=3"
-    )
+    kept.append("-S=blend.folds=3")
+    exp = dvc(repo, "exp", "run", *(f"-S={o}" for o in overrides), *kept)
     # register reads the blend's weights, its calibrator and metrics: on the smoke data the
     # folds change neither (the blend separates the classes), so it is rightly skipped
     changed = [p.read_bytes() for p in served] != served_before
@@ -165,7 +166,6 @@ def test_smoke_pipeline_through_evaluate(smoke) -> None:
     assert read_json(repo / "reports/blend.json")["folds"] == 3
 
     # Changing only a finetune param reruns finetune and what follows, never pretrain.
-    kept = ["-S=wide.C=0.5", "-S=blend.folds=3"]  # the workspace's values: only finetune moves
     exp = dvc(repo, "exp", "run", *(f"-S={o}" for o in overrides), *kept, "-S=finetune.dropout=0.2")
     assert ran(exp) == {
         "finetune",

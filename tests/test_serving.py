@@ -124,6 +124,7 @@ def build_project(root: Path) -> None:
         0,
         tokenized=root / "data/tokenized",
         tokenizer=root / "data/tokenizer/tokenizer.json",
+        documents=root / "data/raw/documents.parquet",
     )
     model.save(root / "data/models/wide")
     (root / "data/predictions/wide").mkdir(parents=True)
@@ -286,7 +287,8 @@ def test_scorer_reproduces_the_pipeline_blend_logits(project: Path) -> None:
     tokens = s.token_ids(texts)
     transformer = split_logits(project, "transformer", "test")
     np.testing.assert_allclose(s.encoder_logits(tokens), transformer, atol=1e-4)
-    np.testing.assert_allclose(s.wide.logits(tokens), split_logits(project, "wide", "test"))
+    assert s.wide.words  # the word block is served too, from the raw text
+    np.testing.assert_allclose(s.wide.logits(tokens, texts), split_logits(project, "wide", "test"))
     blend = split_logits(project, "blend", "test")
     np.testing.assert_allclose(s.logits(texts), blend, atol=1e-4)
     assert set(s.weights) == {"transformer", "wide"} and all(w != 0 for w in s.weights.values())

@@ -49,27 +49,64 @@ def corpus(seed: int = 0, n: int = 300, k: int = 4) -> tuple[list[np.ndarray], n
     return docs, labels
 
 
+def texts_of(labels: np.ndarray, seed: int = 0) -> list[str]:
+    """Raw texts whose class shows only in a word (``Topic0`` ..), amid shared noise words."""
+    rng = np.random.default_rng(seed)
+    noise = [f"w{i}" for i in range(30)]
+    return [" ".join([*rng.choice(noise, 8), f"Topic{y}"]) for y in labels]
+
+
+def fit(docs, texts, labels, k: int = 4, **options) -> tuple[WideModel, dict]:
+    kwargs = {"bigram_buckets": 64, "word_min_df": 2, "C": 1.0, "max_iter": 1000, "seed": 0}
+    return WideModel.fit(docs, texts, labels, k, vocab_size=VOCAB, **(kwargs | options))
+
+
 def test_wide_model_fits_predicts_and_round_trips_through_its_files(tmp_path) -> None:
     docs, labels = corpus()
-    model, info = WideModel.fit(
-        docs, labels, 4, vocab_size=VOCAB, bigram_buckets=64, C=1.0, max_iter=1000, seed=0
-    )
-    assert info["converged"] and info["features"] == VOCAB + 64
-    logits = model.logits(docs)
+    texts = texts_of(labels)
+    model, info = fit(docs, texts, labels)
+    assert info["converged"] and info["words"] == 34  # 30 noise words, 4 topics, lowercased
+    assert info["features"] == VOCAB + 64 + 34 and "topic0" in model.words
+    logits = model.logits(docs, texts)
     assert logits.shape == (300, 4) and (logits.argmax(1) == labels).mean() > 0.95
-    rows = model.features(docs[:5]).toarray()
+    rows = model.features(docs[:5], texts[:5]).toarray()
     np.testing.assert_allclose(np.linalg.norm(rows, axis=1), 1.0)  # L2 rows
     model.save(tmp_path / "wide")
     again = WideModel.load(tmp_path / "wide")
-    np.testing.assert_array_equal(again.logits(docs), logits)  # the files hold the model
+    assert again.words == model.words
+    np.testing.assert_array_equal(again.logits(docs, texts), logits)  # the files hold the model
 
 
-def test_wide_model_needs_every_class_and_its_files() -> None:
+def test_wide_model_reads_the_words_of_the_raw_text() -> None:
+    """Tokens that say nothing, words that say the class: the word block carries it, and
+    without it (``word_min_df=None``) the model is at chance."""
+    _, labels = corpus()
+    rng = np.random.default_rng(1)
+    docs = [rng.integers(10, VOCAB, 20).astype(np.int32) for _ in labels]
+    texts = texts_of(labels)
+    with_words, _ = fit(docs[:200], texts[:200], labels[:200])
+    without, info = fit(docs[:200], texts[:200], labels[:200], word_min_df=None)
+    assert info["words"] == 0 and without.words == ()
+    held_out = (docs[200:], texts[200:])
+    assert (with_words.logits(*held_out).argmax(1) == labels[200:]).mean() > 0.95
+    assert (without.logits(*held_out).argmax(1) == labels[200:]).mean() < 0.5
+    # a word never seen in two train posts is no feature; unseen words at predict are ignored
+    assert "w0" in with_words.words and "unseenword" not in with_words.words
+    shifted = [t + " unseenword" for t in held_out[1]]
+    np.testing.assert_array_equal(
+        with_words.logits(held_out[0], shifted), with_words.logits(*held_out)
+    )
+
+
+def test_wide_model_needs_every_class_and_its_files(tmp_path) -> None:
     docs, labels = corpus()
     with pytest.raises(PipelineError, match="has 3 of the 4 classes"):
-        WideModel.fit(
-            docs, labels % 3, 4, vocab_size=VOCAB, bigram_buckets=0, C=1.0, max_iter=10, seed=0
-        )
+        fit(docs, texts_of(labels), labels % 3, max_iter=10)
+    model, _ = fit(docs, texts_of(labels), labels, max_iter=10)
+    model.save(tmp_path / "wide")
+    (tmp_path / "wide/words.json").unlink()
+    with pytest.raises(PipelineError, match="words.json not found"):
+        WideModel.load(tmp_path / "wide")
 
 
 def test_fold_ids_are_stratified_balanced_and_seeded() -> None:

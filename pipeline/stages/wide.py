@@ -1,15 +1,15 @@
-"""Stage `wide`: a linear model over the bag of BPE tokens and hashed token bigrams.
+"""Stage `wide`: a linear model over the bag of BPE tokens, hashed token bigrams and words.
 
-Reads ``data/tokenized`` (the same tokens the transformer sees, whole documents) and fits
+Reads ``data/tokenized`` (the same tokens the transformer sees, whole documents) and the
+raw text of ``data/raw/documents.parquet`` (for the bag of words), and fits
 :class:`pipeline.wide_model.WideModel` (sublinear TF-IDF with the IDF of the train split,
 then a one-vs-rest LinearSVC) on the train split only; validation and test are only
-predicted.
-It memorises rare, telling tokens (senders, organisations, product names) that a small
+predicted. It memorises rare, telling tokens (senders, organisations, product names) that a small
 encoder learns slowly, and it is fast (about 20 s on the full data): changing its params
 never retrains the encoder.
 
 Logits are the SVM's margins (about +-1, far from calibrated: ``calibrate`` and ``blend``
-rescale them). Outputs: ``data/models/wide/`` (IDF, weights, config; no pickle),
+rescale them). Outputs: ``data/models/wide/`` (IDF, weights, config, word list; no pickle),
 ``data/predictions/wide/predictions.parquet`` (the predictions contract) and
 ``reports/wide.json``.
 """
@@ -25,7 +25,7 @@ from pydantic import Field
 from pipeline import paths
 from pipeline.config import Section, load_section, load_seed
 from pipeline.domain import GROUPS, PREDICTION_SPLITS
-from pipeline.errors import run_stage
+from pipeline.errors import PipelineError, run_stage
 from pipeline.predictions import (
     make_table,
     predictions_path,
@@ -48,7 +48,20 @@ class WideParams(Section):
         le=1 << 26,
         description="Hash buckets for neighbouring-token pairs (0: single tokens only).",
     )
+    word_min_df: int | None = Field(
+        ge=1,
+        description="Adds the bag of words of the raw text: words in at least this many train "
+        "posts (null: BPE features only).",
+    )
     max_iter: int = Field(ge=1, description="liblinear iterations.")
+
+
+def read_texts(path: Path = paths.DOCUMENTS) -> dict[str, str]:
+    """Each document's raw text by id (the word block's input)."""
+    if not path.is_file():
+        raise PipelineError(f"{path}: not found (run `dvc repro fetch` first)")
+    docs = pd.read_parquet(path, columns=["id", "text"])
+    return dict(zip(docs["id"], docs["text"], strict=True))
 
 
 def run(
@@ -56,20 +69,24 @@ def run(
     seed: int,
     tokenized: Path = paths.TOKENIZED,
     tokenizer: Path = paths.TOKENIZER,
+    documents: Path = paths.DOCUMENTS,
 ):
     """Fit on train, predict validation and test; (model, predictions table, report)."""
     from pipeline.encoder.data import load_splits, load_vocab_size
 
     vocab_size = load_vocab_size(tokenizer)
     splits = load_splits(tokenized, vocab_size, len(GROUPS))
+    text = read_texts(documents)
     train = splits["train"]
     start = time.perf_counter()
     model, info = WideModel.fit(
         [ex.tokens for ex in train],
+        [text[i] for i in train.ids],
         train.labels,
         len(GROUPS),
         vocab_size=vocab_size,
         bigram_buckets=params.bigram_buckets,
+        word_min_df=params.word_min_df,
         C=params.C,
         max_iter=params.max_iter,
         seed=seed,
@@ -78,12 +95,14 @@ def run(
     parts = []
     for split in PREDICTION_SPLITS:
         data = splits[split]
-        logits = model.logits([ex.tokens for ex in data])
+        logits = model.logits([ex.tokens for ex in data], [text[i] for i in data.ids])
         parts.append(make_table(data.ids, [split] * len(data), data.labels, logits))
     table = validate(pd.concat(parts, ignore_index=True), Predictions, "wide predictions")
     scores = split_scores(table, "validation")
     report = {
-        "model": "bag of BPE tokens + hashed bigrams, sublinear TF-IDF + LinearSVC",
+        "model": "bag of BPE tokens + hashed bigrams"
+        + (" + bag of words" if params.word_min_df is not None else "")
+        + ", sublinear TF-IDF + LinearSVC",
         "train_documents": len(train),
         **info,
         "fit_seconds": round(fit_seconds, 1),
@@ -103,7 +122,8 @@ def main() -> None:
         print(f"wide: warning: LinearSVC did not converge in max_iter={params.max_iter}")
     write_model_outputs(MODEL, table, report, lambda out: model.save(out.dir(paths.WIDE)))
     print(
-        f"wide: {report['features_seen_in_train']} features seen in train, "
+        f"wide: {report['token_features_seen_in_train']} token features seen in train, "
+        f"{report['words']} words, "
         f"{report['fit_seconds']:.1f}s; validation accuracy {report['validation_accuracy']:.4f}"
         f" -> {paths.WIDE}, {predictions_path(MODEL)}, "
         f"{paths.stage_report(MODEL)}"
