@@ -57,7 +57,8 @@ def texts_of(labels: np.ndarray, seed: int = 0) -> list[str]:
 
 
 def fit(docs, texts, labels, k: int = 4, **options) -> tuple[WideModel, dict]:
-    kwargs = {"bigram_buckets": 64, "word_min_df": 2, "C": 1.0, "max_iter": 1000, "seed": 0}
+    kwargs = {"bigram_buckets": 64, "word_min_df": 2, "char_min_df": None, "C": 1.0}
+    kwargs |= {"max_iter": 1000, "seed": 0}
     return WideModel.fit(docs, texts, labels, k, vocab_size=VOCAB, **(kwargs | options))
 
 
@@ -66,14 +67,14 @@ def test_wide_model_fits_predicts_and_round_trips_through_its_files(tmp_path) ->
     texts = texts_of(labels)
     model, info = fit(docs, texts, labels)
     assert info["converged"] and info["words"] == 34  # 30 noise words, 4 topics, lowercased
-    assert info["features"] == VOCAB + 64 + 34 and "topic0" in model.words
+    assert info["features"] == VOCAB + 64 + 34 and "topic0" in model.vocabularies["words"]
     logits = model.logits(docs, texts)
     assert logits.shape == (300, 4) and (logits.argmax(1) == labels).mean() > 0.95
     rows = model.features(docs[:5], texts[:5]).toarray()
     np.testing.assert_allclose(np.linalg.norm(rows, axis=1), 1.0)  # L2 rows
     model.save(tmp_path / "wide")
     again = WideModel.load(tmp_path / "wide")
-    assert again.words == model.words
+    assert again.vocabularies == model.vocabularies
     np.testing.assert_array_equal(again.logits(docs, texts), logits)  # the files hold the model
 
 
@@ -86,16 +87,41 @@ def test_wide_model_reads_the_words_of_the_raw_text() -> None:
     texts = texts_of(labels)
     with_words, _ = fit(docs[:200], texts[:200], labels[:200])
     without, info = fit(docs[:200], texts[:200], labels[:200], word_min_df=None)
-    assert info["words"] == 0 and without.words == ()
+    assert "words" not in info and without.vocabularies == {}
     held_out = (docs[200:], texts[200:])
     assert (with_words.logits(*held_out).argmax(1) == labels[200:]).mean() > 0.95
     assert (without.logits(*held_out).argmax(1) == labels[200:]).mean() < 0.5
     # a word never seen in two train posts is no feature; unseen words at predict are ignored
-    assert "w0" in with_words.words and "unseenword" not in with_words.words
+    words = with_words.vocabularies["words"]
+    assert "w0" in words and "unseenword" not in words
     shifted = [t + " unseenword" for t in held_out[1]]
     np.testing.assert_array_equal(
         with_words.logits(held_out[0], shifted), with_words.logits(*held_out)
     )
+
+
+def test_wide_model_reads_character_ngrams_within_words(tmp_path) -> None:
+    """Every post's telling word is its own (``qz0x17``): no word repeats, so the word
+    block cannot see the class, but the character n-grams the words share (``qz0``) can;
+    and the n-gram block survives saving and loading."""
+    _, labels = corpus()
+    rng = np.random.default_rng(2)
+    docs = [rng.integers(10, VOCAB, 20).astype(np.int32) for _ in labels]
+    noise = [" ".join(rng.choice([f"w{j}" for j in range(30)], 8)) for _ in labels]
+    texts = [f"{n} qz{y}x{i}" for i, (n, y) in enumerate(zip(noise, labels, strict=True))]
+    words_only, _ = fit(docs[:200], texts[:200], labels[:200])
+    with_chars, info = fit(docs[:200], texts[:200], labels[:200], char_min_df=2)
+    assert (
+        list(with_chars.vocabularies) == ["words", "chars"]
+        and "qz0" in with_chars.vocabularies["chars"]
+    )
+    assert info["chars"] == len(with_chars.vocabularies["chars"])
+    held_out = (docs[200:], texts[200:])
+    assert (with_chars.logits(*held_out).argmax(1) == labels[200:]).mean() > 0.95
+    assert (words_only.logits(*held_out).argmax(1) == labels[200:]).mean() < 0.5
+    with_chars.save(tmp_path / "wide")
+    again = WideModel.load(tmp_path / "wide")
+    np.testing.assert_array_equal(again.logits(*held_out), with_chars.logits(*held_out))
 
 
 def test_wide_model_needs_every_class_and_its_files(tmp_path) -> None:
@@ -104,8 +130,8 @@ def test_wide_model_needs_every_class_and_its_files(tmp_path) -> None:
         fit(docs, texts_of(labels), labels % 3, max_iter=10)
     model, _ = fit(docs, texts_of(labels), labels, max_iter=10)
     model.save(tmp_path / "wide")
-    (tmp_path / "wide/words.json").unlink()
-    with pytest.raises(PipelineError, match="words.json not found"):
+    (tmp_path / "wide/vocabularies.json").unlink()
+    with pytest.raises(PipelineError, match="vocabularies.json not found"):
         WideModel.load(tmp_path / "wide")
 
 

@@ -1,7 +1,7 @@
-"""Stage `wide`: a linear model over the bag of BPE tokens, hashed token bigrams and words.
+"""Stage `wide`: a linear model over BPE tokens, hashed token bigrams, words and char n-grams.
 
 Reads ``data/tokenized`` (the same tokens the transformer sees, whole documents) and the
-raw text of ``data/raw/documents.parquet`` (for the bag of words), and fits
+raw text of ``data/raw/documents.parquet`` (for the words and character n-grams), and fits
 :class:`pipeline.wide_model.WideModel` (sublinear TF-IDF with the IDF of the train split,
 then a one-vs-rest LinearSVC) on the train split only; validation and test are only
 predicted. It memorises rare, telling tokens (senders, organisations, product names) that a small
@@ -51,7 +51,12 @@ class WideParams(Section):
     word_min_df: int | None = Field(
         ge=1,
         description="Adds the bag of words of the raw text: words in at least this many train "
-        "posts (null: BPE features only).",
+        "posts (null: no word block).",
+    )
+    char_min_df: int | None = Field(
+        ge=1,
+        description="Adds character 2- to 5-grams within words of the raw text: those in at "
+        "least this many train posts (null: no character block).",
     )
     max_iter: int = Field(ge=1, description="liblinear iterations.")
 
@@ -87,6 +92,7 @@ def run(
         vocab_size=vocab_size,
         bigram_buckets=params.bigram_buckets,
         word_min_df=params.word_min_df,
+        char_min_df=params.char_min_df,
         C=params.C,
         max_iter=params.max_iter,
         seed=seed,
@@ -100,9 +106,8 @@ def run(
     table = validate(pd.concat(parts, ignore_index=True), Predictions, "wide predictions")
     scores = split_scores(table, "validation")
     report = {
-        "model": "bag of BPE tokens + hashed bigrams"
-        + (" + bag of words" if params.word_min_df is not None else "")
-        + ", sublinear TF-IDF + LinearSVC",
+        "model": " + ".join(["bag of BPE tokens + hashed bigrams", *model.vocabularies])
+        + ", sublinear TF-IDF per block + LinearSVC",
         "train_documents": len(train),
         **info,
         "fit_seconds": round(fit_seconds, 1),
@@ -123,7 +128,7 @@ def main() -> None:
     write_model_outputs(MODEL, table, report, lambda out: model.save(out.dir(paths.WIDE)))
     print(
         f"wide: {report['token_features_seen_in_train']} token features seen in train, "
-        f"{report['words']} words, "
+        f"{', '.join(f'{report[b]} {b}' for b in model.vocabularies)}, "
         f"{report['fit_seconds']:.1f}s; validation accuracy {report['validation_accuracy']:.4f}"
         f" -> {paths.WIDE}, {predictions_path(MODEL)}, "
         f"{paths.stage_report(MODEL)}"

@@ -28,9 +28,13 @@ import yaml
 OUT = Path("reports/bench/stages.json")
 
 
-def stage_order(dvc_yaml: Path = Path("dvc.yaml")) -> list[str]:
-    """Stage names as ``dvc.yaml`` lists them (which is also their dependency order here)."""
-    return list(yaml.safe_load(dvc_yaml.read_text(encoding="utf-8"))["stages"])
+def stage_order() -> list[str]:
+    """Stage names as ``dvc stage list`` gives them (dvc.yaml's order, which is also their
+    dependency order here; a ``foreach`` stage expanded into its ``calibrate@<model>``)."""
+    listed = subprocess.run(
+        ["dvc", "stage", "list", "--name-only"], capture_output=True, text=True, check=True
+    )
+    return listed.stdout.split()
 
 
 def run_stage(stage: str) -> tuple[float, float]:
@@ -68,9 +72,9 @@ def main() -> None:
     }
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    print(f"{'stage':<10} {'minutes':>8} {'peak MiB':>9}")
+    print(f"{'stage':<22} {'minutes':>8} {'peak MiB':>9}")
     for r in rows:
-        print(f"{r['stage']:<10} {r['seconds'] / 60:>8.2f} {r['peak_rss_mib']:>9,}")
+        print(f"{r['stage']:<22} {r['seconds'] / 60:>8.2f} {r['peak_rss_mib']:>9,}")
     print(f"{'total':<10} {total / 60:>8.2f}   -> {OUT}")
 
 
