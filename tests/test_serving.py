@@ -287,7 +287,7 @@ def test_scorer_reproduces_the_pipeline_blend_logits(project: Path) -> None:
     tokens = s.token_ids(texts)
     transformer = split_logits(project, "transformer", "test")
     np.testing.assert_allclose(s.encoder_logits(tokens), transformer, atol=1e-4)
-    assert s.wide.words  # the word block is served too, from the raw text
+    assert set(s.wide.vocabularies) == {"words", "chars"}  # served too, from the raw text
     np.testing.assert_allclose(s.wide.logits(tokens, texts), split_logits(project, "wide", "test"))
     blend = split_logits(project, "blend", "test")
     np.testing.assert_allclose(s.logits(texts), blend, atol=1e-4)
