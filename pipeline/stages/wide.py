@@ -2,15 +2,15 @@
 
 Reads ``data/tokenized`` (the same tokens the transformer sees, whole documents) and the
 raw text of ``data/raw/documents.parquet`` (for the words and character n-grams), and fits
-:class:`pipeline.wide_model.WideModel` (sublinear TF-IDF with the IDF of the train split,
-then a one-vs-rest LinearSVC) on the train split only; validation and test are only
-predicted. It memorises rare, telling tokens (senders, organisations, product names) that a small
-encoder learns slowly, and it is fast (about 20 s on the full data): changing its params
-never retrains the encoder.
+:class:`pipeline.wide_model.WideModel` (sublinear TF-IDF per block with the IDF of the
+train split, then a one-vs-rest LinearSVC) on the train split only; validation and test
+are only predicted. It memorises rare, telling tokens and words (senders, organisations,
+product names) that a small encoder learns slowly, and it takes a few minutes at most:
+changing its params never retrains the encoder.
 
 Logits are the SVM's margins (about +-1, far from calibrated: ``calibrate`` and ``blend``
-rescale them). Outputs: ``data/models/wide/`` (IDF, weights, config, word list; no pickle),
-``data/predictions/wide/predictions.parquet`` (the predictions contract) and
+rescale them). Outputs: ``data/models/wide/`` (IDF, weights, config, vocabularies; no
+pickle), ``data/predictions/wide/predictions.parquet`` (the predictions contract) and
 ``reports/wide.json``.
 """
 
@@ -62,7 +62,7 @@ class WideParams(Section):
 
 
 def read_texts(path: Path = paths.DOCUMENTS) -> dict[str, str]:
-    """Each document's raw text by id (the word block's input)."""
+    """Each document's raw text by id (the input of the word and character blocks)."""
     if not path.is_file():
         raise PipelineError(f"{path}: not found (run `dvc repro fetch` first)")
     docs = pd.read_parquet(path, columns=["id", "text"])
