@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from pipeline.stages.evaluate import PLOT_KINDS
+from pipeline.stages.evaluate import VIEWS
 from tests.helpers import (
     ROOT,
     dvc,
@@ -286,7 +286,7 @@ def check_plots(repo: Path) -> None:
     """`dvc plots show` with the project's templates, and the offline page of `make plots`."""
     shown = json.loads(dvc(repo, "plots", "show", "--json"))
     assert not shown.get("errors"), shown.get("errors")
-    per_model = {f"reports/plots/{kind}/{m}.json" for kind in PLOT_KINDS for m in MODELS}
+    per_model = {f"reports/plots/{kind}/{m}.json" for kind in VIEWS for m in MODELS}
     assert per_model | {
         "Pretraining loss",
         "Fine-tuning loss",

@@ -25,9 +25,8 @@ from pipeline.schemas import MetricsRow, Predictions, validate
 from pipeline.stages.baseline import BaselineParams, fit, logits_for
 from pipeline.stages.calibrate import CalibrateParams, calibrate_model
 from pipeline.stages.evaluate import (
-    FIGURE_NAMES,
     HEADLINE,
-    PLOT_KINDS,
+    VIEWS,
     EvaluateParams,
     confident_mistakes,
     disagreement,
@@ -244,10 +243,8 @@ def test_evaluate_scores_plots_and_reports(tmp_path: Path) -> None:
         p.relative_to(tmp_path / "plots").as_posix()
         for p in (tmp_path / "plots").rglob("*")
         if p.is_file()
-    } == {f"{kind}/m.json" for kind in PLOT_KINDS}
-    assert {p.name for p in (tmp_path / "figures/m").iterdir()} == {
-        f"{n}.png" for n in FIGURE_NAMES
-    }
+    } == {f"{kind}/m.json" for kind in VIEWS}
+    assert {p.name for p in (tmp_path / "figures/m").iterdir()} == {f"{n}.png" for n in VIEWS}
     rel = json.loads((tmp_path / "plots/reliability/m.json").read_text())
     for variant in ("uncalibrated", "calibrated"):  # both panels of the reliability template
         rows = [r for r in rel if r["calibration"] == variant]

@@ -55,11 +55,11 @@ def test_every_artifact_constant_is_a_dvc_output_or_inside_one() -> None:
 def test_dvc_plots_follow_the_model_list() -> None:
     """dvc.yaml's plots name the per-kind folders of evaluate (one file per model inside),
     never a model's own file, so a model added to calibrate.models brings its plots."""
-    from pipeline.stages.evaluate import PLOT_KINDS
+    from pipeline.stages.evaluate import VIEWS
 
     plots = yaml.safe_load((ROOT / "dvc.yaml").read_text(encoding="utf-8"))["plots"]
     ids = {next(iter(p)) if isinstance(p, dict) else p for p in plots}
-    folders = {paths.model_plot(kind, "m").parent.as_posix() for kind in PLOT_KINDS}
+    folders = {paths.model_plot(kind, "m").parent.as_posix() for kind in VIEWS}
     assert folders <= ids
     named = " ".join(str(p) for p in plots)
     models = yaml.safe_load((ROOT / "conf/calibrate/default.yaml").read_text())["models"]

@@ -81,9 +81,9 @@ TABLE_COLUMNS = (
     ("classwise_ece", "classwise ECE"),
     ("aurc", "AURC"),
 )
-FIGURE_NAMES = ("reliability", "confidence", "confusion", "per_class")
-PLOT_KINDS = ("reliability", "confidence", "confusion", "per_class")
-"""The folders of ``reports/plots/`` with one file per model; dvc.yaml's plots name them."""
+VIEWS = ("reliability", "confidence", "confusion", "per_class")
+"""Each model's views: a PNG ``reports/figures/<model>/<view>.png`` the report links, and
+a DVC plot ``reports/plots/<view>/<model>.json`` (dvc.yaml's plots name the folders)."""
 ERROR_ROWS = 10  # rows of each error-analysis table
 
 
@@ -335,7 +335,7 @@ def render_report(
         lines += render_errors(errors, models)
     for model in models if figure_models is None else figure_models:
         lines += ["", f"## {model}", "", f"Calibration: `{methods[model]}`."]
-        for name in FIGURE_NAMES:
+        for name in VIEWS:
             lines += ["", f"![{name.replace('_', '-')} {model}](figures/{model}/{name}.png)"]
     return "\n".join(lines) + "\n"
 
