@@ -142,6 +142,7 @@ def _as_array(state: Mapping[str, Any], key: str, shape: tuple[int, ...]) -> np.
     return value
 
 
+@dataclass(eq=False)
 class Calibrator(ABC):
     """A fitted map from logits (n, k) to calibrated probabilities (n, k)."""
 
@@ -200,7 +201,6 @@ class Identity(Calibrator):
     """No calibration: the model's own softmax (a baseline for :func:`select_auto`)."""
 
     method: ClassVar[str] = "none"
-    num_classes: int
 
     @classmethod
     def fit(cls, logits: np.ndarray, labels: np.ndarray, seed: int, **opts: Any) -> Identity:
@@ -224,7 +224,6 @@ class TemperatureScaling(Calibrator):
     """``softmax(z / T)``: one parameter, so it cannot overfit and never changes the argmax."""
 
     method: ClassVar[str] = "temperature"
-    num_classes: int
     temperature: float
 
     @classmethod
@@ -273,7 +272,6 @@ class EnsembleTemperatureScaling(Calibrator):
     """
 
     method: ClassVar[str] = "ets"
-    num_classes: int
     temperature: float
     weights: np.ndarray  # (tempered, raw, uniform), non-negative, summing to 1
 
@@ -357,7 +355,6 @@ class TemperaturePlatt(Calibrator):
     """
 
     method: ClassVar[str] = "temperature_platt"
-    num_classes: int
     temperature: float
     slope: float
     intercept: float
@@ -421,7 +418,6 @@ class _AffineScaling(Calibrator):
 
     reg: ClassVar[float]
     max_iter: ClassVar[int]
-    num_classes: int
     weight: np.ndarray
     bias: np.ndarray
 
@@ -494,7 +490,6 @@ class HistogramBinning(Calibrator):
     """
 
     method: ClassVar[str] = "histogram"
-    num_classes: int
     values: np.ndarray  # (k, n_bins)
     eps: float = DEFAULT_EPS
 
@@ -559,7 +554,6 @@ class IsotonicCalibration(Calibrator):
     """
 
     method: ClassVar[str] = "isotonic"
-    num_classes: int
     x: list[np.ndarray]
     y: list[np.ndarray]
     eps: float = DEFAULT_EPS

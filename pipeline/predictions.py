@@ -99,11 +99,13 @@ def make_table(ids, splits, labels, logits: np.ndarray) -> pd.DataFrame:
     return pd.concat([head, pd.DataFrame(logits, columns=list(LOGIT_COLUMNS))], axis=1)
 
 
-def read_documents(path: Path = paths.DOCUMENTS) -> pd.DataFrame:
-    """The id, split and label columns of the documents table (no text)."""
+def read_documents(
+    path: Path = paths.DOCUMENTS, columns: Sequence[str] = ("id", "split", "label")
+) -> pd.DataFrame:
+    """Columns of the documents table (by default no text: it is most of the bytes)."""
     if not path.is_file():
         raise PipelineError(f"{path}: not found (run `dvc repro fetch` first)")
-    return pd.read_parquet(path, columns=["id", "split", "label"])
+    return pd.read_parquet(path, columns=list(columns))
 
 
 def check_against_documents(pred: pd.DataFrame, docs: pd.DataFrame, where: str) -> None:

@@ -18,6 +18,7 @@ from pipeline.errors import PipelineError
 from pipeline.predictions import (
     check_against_documents,
     make_table,
+    read_documents,
     split_arrays,
     validate_probabilities,
 )
@@ -104,6 +105,21 @@ def test_ids_and_labels_must_match_the_documents() -> None:
     wrong.loc[0, "label"] = (wrong.loc[0, "label"] + 1) % K
     with pytest.raises(PipelineError, match=r"1 validation label\(s\) differ"):
         check_against_documents(wrong, docs, "p")
+
+
+def test_read_documents_reads_the_columns_asked_for(tmp_path: Path) -> None:
+    path = tmp_path / "documents.parquet"
+    with pytest.raises(PipelineError, match=r"documents\.parquet: not found .*dvc repro fetch"):
+        read_documents(path)
+    table = pd.DataFrame(
+        {"id": ["train/a/1"], "split": ["train"], "label": [0], "group": ["a"], "text": ["hi"]}
+    )
+    table.to_parquet(path)
+    assert read_documents(path).columns.tolist() == ["id", "split", "label"]
+    assert read_documents(path, columns=("id", "text")).to_dict("list") == {
+        "id": ["train/a/1"],
+        "text": ["hi"],
+    }
 
 
 def test_probabilities_schema() -> None:

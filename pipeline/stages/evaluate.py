@@ -254,7 +254,7 @@ def disagreements(
 
 def read_subjects(ids: set[str], path: Path = paths.DOCUMENTS) -> dict[str, str]:
     """``id -> Subject`` for the documents the error analysis shows."""
-    docs = pd.read_parquet(path, columns=["id", "text"])
+    docs = read_documents(path, columns=("id", "text"))
     docs = docs[docs["id"].isin(ids)]
     return {i: subject_line(t) for i, t in zip(docs["id"], docs["text"], strict=True)}
 

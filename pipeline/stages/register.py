@@ -42,6 +42,7 @@ from pipeline.domain import NAME_PATTERN
 from pipeline.encoder.model import load_model_files
 from pipeline.errors import PipelineError, run_stage
 from pipeline.io import atomic_outputs, sha256_file, write_json
+from pipeline.predictions import read_documents
 from pipeline.served_requirements import pip_requirements
 from pipeline.serving import ServedFiles
 from pipeline.tracking import StageRun
@@ -132,9 +133,7 @@ def check_inputs(files: ServedFiles) -> dict[str, Any]:
 
 def sample_texts(n: int = THROUGHPUT_DOCS) -> list[str]:
     """The first ``n`` test posts by id, to time the served model on real input."""
-    if not paths.DOCUMENTS.is_file():
-        raise PipelineError(f"{paths.DOCUMENTS}: not found (run `dvc repro fetch` first)")
-    docs = pd.read_parquet(paths.DOCUMENTS, columns=["id", "split", "text"])
+    docs = read_documents(columns=("id", "split", "text"))
     return docs[docs["split"] == "test"].sort_values("id")["text"].head(n).tolist()
 
 

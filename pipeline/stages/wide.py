@@ -25,10 +25,11 @@ from pydantic import Field
 from pipeline import paths
 from pipeline.config import Section, load_section, load_seed
 from pipeline.domain import GROUPS, PREDICTION_SPLITS
-from pipeline.errors import PipelineError, run_stage
+from pipeline.errors import run_stage
 from pipeline.predictions import (
     make_table,
     predictions_path,
+    read_documents,
     split_scores,
     write_model_outputs,
 )
@@ -63,9 +64,7 @@ class WideParams(Section):
 
 def read_texts(path: Path = paths.DOCUMENTS) -> dict[str, str]:
     """Each document's raw text by id (the input of the word and character blocks)."""
-    if not path.is_file():
-        raise PipelineError(f"{path}: not found (run `dvc repro fetch` first)")
-    docs = pd.read_parquet(path, columns=["id", "text"])
+    docs = read_documents(path, columns=("id", "text"))
     return dict(zip(docs["id"], docs["text"], strict=True))
 
 
