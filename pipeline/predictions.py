@@ -100,12 +100,13 @@ def make_table(ids, splits, labels, logits: np.ndarray) -> pd.DataFrame:
 
 
 def read_documents(
-    path: Path = paths.DOCUMENTS, columns: Sequence[str] = ("id", "split", "label")
+    path: Path = paths.DOCUMENTS, columns: Sequence[str] | None = ("id", "split", "label")
 ) -> pd.DataFrame:
-    """Columns of the documents table (by default no text: it is most of the bytes)."""
+    """Columns of the documents table (by default no text: it is most of the bytes; None:
+    every column)."""
     if not path.is_file():
         raise PipelineError(f"{path}: not found (run `dvc repro fetch` first)")
-    return pd.read_parquet(path, columns=list(columns))
+    return pd.read_parquet(path, columns=None if columns is None else list(columns))
 
 
 def check_against_documents(pred: pd.DataFrame, docs: pd.DataFrame, where: str) -> None:

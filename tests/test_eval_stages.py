@@ -116,6 +116,7 @@ def test_read_documents_reads_the_columns_asked_for(tmp_path: Path) -> None:
     )
     table.to_parquet(path)
     assert read_documents(path).columns.tolist() == ["id", "split", "label"]
+    assert read_documents(path, columns=None).columns.tolist() == table.columns.tolist()
     assert read_documents(path, columns=("id", "text")).to_dict("list") == {
         "id": ["train/a/1"],
         "text": ["hi"],

@@ -32,6 +32,7 @@ from pipeline.io import sha256_file
 from pipeline.predictions import (
     make_table,
     predictions_path,
+    read_documents,
     split_scores,
     write_model_outputs,
 )
@@ -112,9 +113,7 @@ def main() -> None:
     params = load_section("baseline", BaselineParams)
     seed = load_seed()
     tracking = StageRun("baseline")
-    if not paths.DOCUMENTS.is_file():
-        raise PipelineError(f"{paths.DOCUMENTS}: not found (run `dvc repro fetch` first)")
-    docs = validate(pd.read_parquet(paths.DOCUMENTS), Documents, str(paths.DOCUMENTS))
+    docs = validate(read_documents(columns=None), Documents, str(paths.DOCUMENTS))
     train = docs[docs["split"] == "train"]
     classes = sorted(set(train["label"]))
     if classes != list(range(len(GROUPS))):

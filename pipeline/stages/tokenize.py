@@ -27,6 +27,7 @@ from pipeline.config import Section, load_section
 from pipeline.domain import CLS_ID, SEP_ID, SPECIAL_TOKENS, SPLITS, UNK_ID, special_token_mismatch
 from pipeline.errors import PipelineError, run_stage
 from pipeline.io import atomic_outputs, digest_strings, sha256_file, write_json
+from pipeline.predictions import read_documents
 from pipeline.schemas import Documents, TokenizedSplit, validate
 from pipeline.tracking import StageRun
 
@@ -163,9 +164,7 @@ def main() -> None:
     disable_caching()  # artifacts go to data/ via save_to_disk, not to the HF cache
     params = load_section("tokenizer", TokenizerParams)
     tracking = StageRun("tokenize")
-    if not paths.DOCUMENTS.is_file():
-        raise PipelineError(f"{paths.DOCUMENTS}: not found (run `dvc repro fetch` first)")
-    docs = validate(pd.read_parquet(paths.DOCUMENTS), Documents, str(paths.DOCUMENTS))
+    docs = validate(read_documents(columns=None), Documents, str(paths.DOCUMENTS))
     train_texts = docs.loc[docs["split"] == "train", "text"].tolist()
     if not train_texts:
         raise PipelineError(f"{paths.DOCUMENTS}: the train split is empty")
