@@ -22,6 +22,7 @@ the stage computed.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import warnings
@@ -97,15 +98,33 @@ class WideModel:
         """Fit the IDFs, the vocabularies and the LinearSVC on the train documents (token ids
         and their raw text, in the same order); a text block whose ``min_df`` is ``None``
         is left out. Returns (model, fit info)."""
-        from sklearn.exceptions import ConvergenceWarning
-        from sklearn.svm import LinearSVC
+        model, features, info = cls.fit_features(
+            docs,
+            texts,
+            vocab_size=vocab_size,
+            bigram_buckets=bigram_buckets,
+            word_min_df=word_min_df,
+            char_min_df=char_min_df,
+        )
+        model, svm_info = model.fit_classifier(
+            features, labels, n_classes, C=C, max_iter=max_iter, seed=seed
+        )
+        return model, info | svm_info
 
-        present = np.unique(labels)
-        if len(present) != n_classes:
-            raise PipelineError(
-                f"wide: the train split has {len(present)} of the {n_classes} classes; "
-                "a linear model needs every class"
-            )
+    @classmethod
+    def fit_features(
+        cls,
+        docs: Sequence[np.ndarray],
+        texts: Sequence[str],
+        *,
+        vocab_size: int,
+        bigram_buckets: int,
+        word_min_df: int | None,
+        char_min_df: int | None,
+    ) -> tuple[WideModel, sp.csr_matrix, dict[str, object]]:
+        """The vocabularies and IDFs of these documents and their feature rows, kept so the
+        classifier can be fitted (and refitted with more rows) without computing them again.
+        The model scores no class yet: :meth:`fit_classifier` gives it its LinearSVC."""
         counts = [count_matrix(docs, vocab_size, bigram_buckets)]
         vocabularies: dict[str, tuple[str, ...]] = {}
         for block, min_df in (("words", word_min_df), ("chars", char_min_df)):
@@ -115,27 +134,52 @@ class WideModel:
                 vocabularies[block] = tuple(vectorizer.get_feature_names_out())
         weightings = [tfidf().fit(c) for c in counts]
         features = _join([w.transform(c) for w, c in zip(weightings, counts, strict=True)])
-        svm = LinearSVC(C=C, max_iter=max_iter, random_state=seed)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", ConvergenceWarning)
-            svm.fit(features, labels)
+        n_features = int(features.shape[1])
         model = cls(
             vocab_size,
             bigram_buckets,
             vocabularies,
             np.concatenate([w.idf_ for w in weightings]).astype(np.float64),
-            svm.coef_.astype(np.float32),
-            svm.intercept_.astype(np.float64),
+            np.zeros((0, n_features), dtype=np.float32),
+            np.zeros(0, dtype=np.float64),
         )
-        converged = not any(issubclass(w.category, ConvergenceWarning) for w in caught)
         info = {
-            "features": int(features.shape[1]),
+            "features": n_features,
             "token_features_seen_in_train": int((counts[0].getnnz(axis=0) > 0).sum()),
             **{block: len(v) for block, v in vocabularies.items()},
-            "iterations": int(np.max(svm.n_iter_)),
-            "converged": converged,
         }
-        return model, info
+        return model, features, info
+
+    def fit_classifier(
+        self,
+        features: sp.csr_matrix,
+        labels: np.ndarray,
+        n_classes: int,
+        *,
+        C: float,
+        max_iter: int,
+        seed: int,
+    ) -> tuple[WideModel, dict[str, object]]:
+        """This model's features with a one-vs-rest LinearSVC fitted on ``features`` (rows
+        of :meth:`features`, one per label). Returns (new model, fit info)."""
+        from sklearn.exceptions import ConvergenceWarning
+        from sklearn.svm import LinearSVC
+
+        present = np.unique(labels)
+        if len(present) != n_classes:
+            raise PipelineError(
+                f"wide: the documents fitted have {len(present)} of the {n_classes} classes; "
+                "a linear model needs every class"
+            )
+        svm = LinearSVC(C=C, max_iter=max_iter, random_state=seed)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ConvergenceWarning)
+            svm.fit(features, labels)
+        model = dataclasses.replace(
+            self, coef=svm.coef_.astype(np.float32), intercept=svm.intercept_.astype(np.float64)
+        )
+        converged = not any(issubclass(w.category, ConvergenceWarning) for w in caught)
+        return model, {"iterations": int(np.max(svm.n_iter_)), "converged": converged}
 
     @functools.cached_property
     def _weightings(self) -> list[tuple[Any, Any]]:
@@ -163,7 +207,10 @@ class WideModel:
 
     def logits(self, docs: Sequence[np.ndarray], texts: Sequence[str]) -> np.ndarray:
         """(n, K) float64 decision values (margins)."""
-        features = self.features(docs, texts)
+        return self.score(self.features(docs, texts))
+
+    def score(self, features: sp.csr_matrix) -> np.ndarray:
+        """(n, K) float64 decision values of feature rows from :meth:`features`."""
         return np.asarray(features @ self.coef.T.astype(np.float64)) + self.intercept
 
     def save(self, directory: Path) -> None:

@@ -165,6 +165,16 @@ def test_smoke_pipeline_through_evaluate(smoke) -> None:
     assert ran(exp) == rerun | ({"register"} if changed else set())
     assert read_json(repo / "reports/blend.json")["folds"] == 3
 
+    # Every model stage's predictions are deps of blend: one joins it by params alone.
+    kept.append("-S=blend.models=[transformer,wide,baseline]")
+    exp = dvc(repo, "exp", "run", *(f"-S={o}" for o in overrides), *kept)
+    assert ran(exp) - {"register"} == rerun
+    assert set(read_json(repo / "reports/blend.json")["weights"]) == {
+        "transformer",
+        "wide",
+        "baseline",
+    }
+
     # Changing only a finetune param reruns finetune and what follows, never pretrain.
     exp = dvc(repo, "exp", "run", *(f"-S={o}" for o in overrides), *kept, "-S=finetune.dropout=0.2")
     assert ran(exp) == {

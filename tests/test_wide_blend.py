@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+import scipy.sparse as sp
 import yaml
 
 from pipeline.bag import bag_features, count_matrix
@@ -76,6 +77,14 @@ def test_wide_model_fits_predicts_and_round_trips_through_its_files(tmp_path) ->
     again = WideModel.load(tmp_path / "wide")
     assert again.vocabularies == model.vocabularies
     np.testing.assert_array_equal(again.logits(docs, texts), logits)  # the files hold the model
+    # fit = the features of the documents, then a LinearSVC on their rows
+    bare, rows, _ = WideModel.fit_features(
+        docs, texts, vocab_size=VOCAB, bigram_buckets=64, word_min_df=2, char_min_df=None
+    )
+    assert bare.logits(docs[:2], texts[:2]).shape == (2, 0)  # no classifier yet
+    fitted, _ = bare.fit_classifier(rows, labels, 4, C=1.0, max_iter=1000, seed=0)
+    np.testing.assert_array_equal(fitted.coef, model.coef)
+    np.testing.assert_allclose(fitted.score(rows), logits, rtol=1e-6, atol=1e-9)
 
 
 def test_wide_model_reads_the_words_of_the_raw_text() -> None:
@@ -126,13 +135,54 @@ def test_wide_model_reads_character_ngrams_within_words(tmp_path) -> None:
 
 def test_wide_model_needs_every_class_and_its_files(tmp_path) -> None:
     docs, labels = corpus()
-    with pytest.raises(PipelineError, match="has 3 of the 4 classes"):
+    with pytest.raises(PipelineError, match="have 3 of the 4 classes"):
         fit(docs, texts_of(labels), labels % 3, max_iter=10)
     model, _ = fit(docs, texts_of(labels), labels, max_iter=10)
     model.save(tmp_path / "wide")
     (tmp_path / "wide/vocabularies.json").unlink()
     with pytest.raises(PipelineError, match="vocabularies.json not found"):
         WideModel.load(tmp_path / "wide")
+
+
+def test_wide_stage_predicts_validation_held_out_and_test_with_the_refit(project) -> None:
+    """Validation rows come from the model fitted on train alone (blend and calibrate fit on
+    them); with refit, the LinearSVC of train + validation predicts test and is saved."""
+    from pipeline.encoder.data import load_splits
+    from pipeline.stages.wide import run
+    from tests.helpers import default_section
+    from tests.tiny import VOCAB as TINY_VOCAB
+
+    splits = load_splits(project / "data/tokenized", TINY_VOCAB, 20)
+    ids = [i for s in splits.values() for i in s.ids]
+    texts = [" ".join(f"w{t}" for t in ex.tokens) for s in splits.values() for ex in s]
+    (project / "data/raw").mkdir()
+    pd.DataFrame({"id": ids, "text": texts}).to_parquet(project / "data/raw/documents.parquet")
+    params = default_section("wide", bigram_buckets=64, word_min_df=1, char_min_df=None, refit=True)
+    held, held_table, held_report = run(params.model_copy(update={"refit": False}), seed=0)
+    refit, table, report = run(params, seed=0)
+
+    val = (table["split"] == "validation").to_numpy()
+    pd.testing.assert_frame_equal(table[val], held_table[val])
+    logits = [c for c in table.columns if c.startswith("logit_")]
+    assert not np.allclose(table.loc[~val, logits], held_table.loc[~val, logits])
+    assert report["validation_accuracy"] == held_report["validation_accuracy"]
+    assert report["refit_documents"] == 260 and "refit_documents" not in held_report
+    assert report["refit"] and not held_report["refit"]
+    np.testing.assert_array_equal(refit.idf, held.idf)  # the features stay train's
+    train, validation = splits["train"], splits["validation"]
+    rows = sp.vstack(
+        [
+            held.features([ex.tokens for ex in s], [texts[ids.index(i)] for i in s.ids])
+            for s in (train, validation)
+        ]
+    )
+    labels = np.concatenate([train.labels, validation.labels])
+    expected, _ = held.fit_classifier(
+        rows, labels, 20, C=params.C, max_iter=params.max_iter, seed=0
+    )
+    np.testing.assert_allclose(
+        refit.coef, expected.coef, atol=1e-6
+    )  # features rebuilt: float noise
 
 
 def test_fold_ids_are_stratified_balanced_and_seeded() -> None:

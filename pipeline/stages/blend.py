@@ -48,8 +48,8 @@ class BlendParams(Section):
 
     models: list[str] = Field(
         min_length=2,
-        description="Models blended (each needs data/predictions/<model>/, a dep of blend in "
-        "dvc.yaml).",
+        description="Models blended: any model stage's (baseline, transformer, wide; their "
+        "data/predictions/<model>/ are all deps of blend).",
     )
     folds: int = Field(
         ge=2,

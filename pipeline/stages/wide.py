@@ -3,10 +3,14 @@
 Reads ``data/tokenized`` (the same tokens the transformer sees, whole documents) and the
 raw text of ``data/raw/documents.parquet`` (for the words and character n-grams), and fits
 :class:`pipeline.wide_model.WideModel` (sublinear TF-IDF per block with the IDF of the
-train split, then a one-vs-rest LinearSVC) on the train split only; validation and test
-are only predicted. It memorises rare, telling tokens and words (senders, organisations,
-product names) that a small encoder learns slowly, and it takes a few minutes at most:
-changing its params never retrains the encoder.
+train split, then a one-vs-rest LinearSVC) on the train split, and predicts validation
+with it: those held-out rows are what ``blend`` and ``calibrate`` fit on. With
+``wide.refit`` (default) the LinearSVC is then refitted on train + validation, 10% more
+labelled posts, and that model predicts test and is saved (and served), as a model chosen
+on validation is refitted on all its data; the features (vocabularies, IDF) stay train's.
+It memorises rare, telling tokens and words (senders, organisations, product names) that
+a small encoder learns slowly, and it takes a few minutes at most: changing its params
+never retrains the encoder.
 
 Logits are the SVM's margins (about +-1, far from calibrated: ``calibrate`` and ``blend``
 rescale them). Outputs: ``data/models/wide/`` (IDF, weights, config, vocabularies; no
@@ -19,7 +23,9 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 from pydantic import Field
 
 from pipeline import paths
@@ -60,6 +66,11 @@ class WideParams(Section):
         "least this many train posts (null: no character block).",
     )
     max_iter: int = Field(ge=1, description="liblinear iterations.")
+    refit: bool = Field(
+        description="After predicting validation with the model fitted on train, refit the "
+        "LinearSVC on train + validation (vocabularies and IDF stay train's): the test rows "
+        "and the saved, served model come from the refit."
+    )
 
 
 def read_texts(path: Path = paths.DOCUMENTS) -> dict[str, str]:
@@ -75,42 +86,58 @@ def run(
     tokenizer: Path = paths.TOKENIZER,
     documents: Path = paths.DOCUMENTS,
 ):
-    """Fit on train, predict validation and test; (model, predictions table, report)."""
+    """Fit on train and predict validation; with ``params.refit``, refit the LinearSVC on
+    train + validation; predict test with the model kept. (model, predictions, report)."""
     from pipeline.encoder.data import load_splits, load_vocab_size
 
     vocab_size = load_vocab_size(tokenizer)
     splits = load_splits(tokenized, vocab_size, len(GROUPS))
     text = read_texts(documents)
-    train = splits["train"]
+
+    def inputs(split: str) -> tuple[list, list[str]]:
+        return [ex.tokens for ex in splits[split]], [text[i] for i in splits[split].ids]
+
+    train, val = splits["train"], splits["validation"]
+    svm = {"C": params.C, "max_iter": params.max_iter, "seed": seed}
     start = time.perf_counter()
-    model, info = WideModel.fit(
-        [ex.tokens for ex in train],
-        [text[i] for i in train.ids],
-        train.labels,
-        len(GROUPS),
+    model, x_train, info = WideModel.fit_features(
+        *inputs("train"),
         vocab_size=vocab_size,
         bigram_buckets=params.bigram_buckets,
         word_min_df=params.word_min_df,
         char_min_df=params.char_min_df,
-        C=params.C,
-        max_iter=params.max_iter,
-        seed=seed,
     )
-    fit_seconds = time.perf_counter() - start
-    parts = []
-    for split in PREDICTION_SPLITS:
-        data = splits[split]
-        logits = model.logits([ex.tokens for ex in data], [text[i] for i in data.ids])
-        parts.append(make_table(data.ids, [split] * len(data), data.labels, logits))
-    table = validate(pd.concat(parts, ignore_index=True), Predictions, "wide predictions")
+    model, svm_info = model.fit_classifier(x_train, train.labels, len(GROUPS), **svm)
+    info |= svm_info | {"fit_seconds": round(time.perf_counter() - start, 1)}
+    x_val = model.features(*inputs("validation"))
+    parts = {"validation": model.score(x_val)}  # held out: what blend and calibrate fit on
+    if params.refit:
+        start = time.perf_counter()
+        rows = sp.vstack([x_train, x_val], format="csr")
+        labels = np.concatenate([train.labels, val.labels])
+        model, refit_info = model.fit_classifier(rows, labels, len(GROUPS), **svm)
+        info |= {
+            "refit_documents": rows.shape[0],
+            **{f"refit_{k}": v for k, v in refit_info.items()},
+            "refit_seconds": round(time.perf_counter() - start, 1),
+        }
+    parts["test"] = model.logits(*inputs("test"))
+    table = pd.concat(
+        [
+            make_table(splits[s].ids, [s] * len(splits[s]), splits[s].labels, parts[s])
+            for s in PREDICTION_SPLITS
+        ],
+        ignore_index=True,
+    )
+    table = validate(table, Predictions, "wide predictions")
     scores = split_scores(table, "validation")
     report = {
         "model": " + ".join(["bag of BPE tokens + hashed bigrams", *model.vocabularies])
         + ", sublinear TF-IDF per block + LinearSVC",
         "train_documents": len(train),
+        "refit": params.refit,
         **info,
-        "fit_seconds": round(fit_seconds, 1),
-        "validation_documents": int((table["split"] == "validation").sum()),
+        "validation_documents": len(val),
         "validation_accuracy": scores["accuracy"],
         "validation_nll": scores["nll"],
     }
@@ -122,14 +149,16 @@ def main() -> None:
     seed = load_seed()
     tracking = StageRun("wide")
     model, table, report = run(params, seed)
-    if not report["converged"]:
-        print(f"wide: warning: LinearSVC did not converge in max_iter={params.max_iter}")
+    for key in ("converged", "refit_converged"):
+        if not report.get(key, True):
+            print(f"wide: warning: LinearSVC ({key}) not converged in max_iter={params.max_iter}")
     write_model_outputs(MODEL, table, report, lambda out: model.save(out.dir(paths.WIDE)))
     print(
         f"wide: {report['token_features_seen_in_train']} token features seen in train, "
         f"{', '.join(f'{report[b]} {b}' for b in model.vocabularies)}, "
         f"{report['fit_seconds']:.1f}s; validation accuracy {report['validation_accuracy']:.4f}"
-        f" -> {paths.WIDE}, {predictions_path(MODEL)}, "
+        + (f"; refitted on {report['refit_documents']} posts" if params.refit else "")
+        + f" -> {paths.WIDE}, {predictions_path(MODEL)}, "
         f"{paths.stage_report(MODEL)}"
     )
     headline = {"validation_accuracy": "val_accuracy", "validation_nll": "val_nll"}
