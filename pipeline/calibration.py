@@ -244,15 +244,14 @@ class TemperatureScaling(Calibrator):
 
     @classmethod
     def _from_state(cls, state: Mapping[str, Any], k: int) -> TemperatureScaling:
-        t = float(_as_array(state, "temperature", ()))
-        if t <= 0:
-            raise PipelineError(f"calibrator state: temperature={t} must be > 0")
-        return cls(k, t)
+        return cls(k, _positive(state, "temperature"))
 
 
-def _fit_temperature(logits: np.ndarray, labels: np.ndarray, max_iter: int) -> float:
-    """The NLL-optimal temperature: the starting point of the methods built on it."""
-    return TemperatureScaling.fit(logits, labels, 0, max_iter=max_iter).temperature
+def _log_temperature_start(logits: np.ndarray, labels: np.ndarray, max_iter: int) -> torch.Tensor:
+    """``log T`` of the NLL-optimal temperature, a trainable tensor: the starting point of
+    the methods built on temperature scaling."""
+    t = TemperatureScaling.fit(logits, labels, 0, max_iter=max_iter).temperature
+    return torch.tensor(np.log(t), dtype=torch.float64, requires_grad=True)
 
 
 def _positive(state: Mapping[str, Any], key: str) -> float:
@@ -281,8 +280,7 @@ class EnsembleTemperatureScaling(Calibrator):
     ) -> EnsembleTemperatureScaling:
         z, y = _as_tensors(logits, labels)
         k = z.shape[1]
-        t0 = _fit_temperature(logits, labels, max_iter)
-        log_t = torch.tensor(np.log(t0), dtype=torch.float64, requires_grad=True)
+        log_t = _log_temperature_start(logits, labels, max_iter)
         start = np.log([0.9, 0.05, 0.05])
         mix = torch.tensor(start, dtype=torch.float64, requires_grad=True)
         raw = F.log_softmax(z, dim=1).gather(1, y[:, None])[:, 0]
@@ -370,8 +368,7 @@ class TemperaturePlatt(Calibrator):
         hit = y == top
         # Index of a finite "other" entry for rows whose label is the top (never read).
         other_y = torch.where(hit, (top + 1) % k, y)
-        t0 = _fit_temperature(logits, labels, max_iter)
-        log_t = torch.tensor(np.log(t0), dtype=torch.float64, requires_grad=True)
+        log_t = _log_temperature_start(logits, labels, max_iter)
         alpha = torch.zeros((), dtype=torch.float64, requires_grad=True)
         b = torch.zeros((), dtype=torch.float64, requires_grad=True)
 
