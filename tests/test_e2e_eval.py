@@ -165,16 +165,6 @@ def test_smoke_pipeline_through_evaluate(smoke) -> None:
     assert ran(exp) == rerun | ({"register"} if changed else set())
     assert read_json(repo / "reports/blend.json")["folds"] == 3
 
-    # Every model stage's predictions are deps of blend: one joins it by params alone.
-    kept.append("-S=blend.models=[transformer,wide,baseline]")
-    exp = dvc(repo, "exp", "run", *(f"-S={o}" for o in overrides), *kept)
-    assert ran(exp) - {"register"} == rerun
-    assert set(read_json(repo / "reports/blend.json")["weights"]) == {
-        "transformer",
-        "wide",
-        "baseline",
-    }
-
     # Changing only a finetune param reruns finetune and what follows, never pretrain.
     exp = dvc(repo, "exp", "run", *(f"-S={o}" for o in overrides), *kept, "-S=finetune.dropout=0.2")
     assert ran(exp) == {
@@ -217,6 +207,18 @@ def test_smoke_pipeline_through_evaluate(smoke) -> None:
     assert {p.name for p in (repo / "reports/plots/reliability").iterdir()} == {
         "baseline.json",
         "blend.json",
+    }
+
+    # Every model stage's predictions are deps of blend: one joins it by params alone, up
+    # to evaluate (the served model combines the encoder and the wide model only).
+    kept.append("-S=calibrate.models=[baseline,blend]")
+    three = "-S=blend.models=[transformer,wide,baseline]"
+    exp = dvc(repo, "exp", "run", "evaluate", *(f"-S={o}" for o in overrides), *kept, three)
+    assert ran(exp) == {"blend", CALIBRATE["blend"], "evaluate"}
+    assert set(read_json(repo / "reports/blend.json")["weights"]) == {
+        "transformer",
+        "wide",
+        "baseline",
     }
 
 

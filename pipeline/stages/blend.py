@@ -48,8 +48,8 @@ class BlendParams(Section):
 
     models: list[str] = Field(
         min_length=2,
-        description="Models blended: any model stage's (baseline, transformer, wide; their "
-        "data/predictions/<model>/ are all deps of blend).",
+        description="Models blended: any model stage's (their data/predictions/<model>/ are "
+        "all deps of blend); register serves blends of transformer and wide only.",
     )
     folds: int = Field(
         ge=2,
