@@ -173,15 +173,9 @@ def confusion_matrix_plot(
     return _save(fig, path)
 
 
-def per_class_bars(
-    labels: np.ndarray,
-    preds: np.ndarray,
-    class_names: Sequence[str],
-    path: str | Path,
-    title: str = "",
-) -> Path:
-    """Horizontal precision and recall bars per class (horizontal so long names stay readable)."""
-    rows = per_class_rows(labels, preds, class_names)
+def per_class_bars(rows: Sequence[Mapping[str, Any]], path: str | Path, title: str = "") -> Path:
+    """Horizontal precision and recall bars of :func:`per_class_rows` (horizontal so long
+    class names stay readable)."""
     k = len(rows)
     ypos = np.arange(k)
     fig = Figure(figsize=(8, max(3.0, 0.35 * k + 1)))

@@ -80,38 +80,6 @@ class WideModel:
     intercept: np.ndarray  # (K,) float64
 
     @classmethod
-    def fit(
-        cls,
-        docs: Sequence[np.ndarray],
-        texts: Sequence[str],
-        labels: np.ndarray,
-        n_classes: int,
-        *,
-        vocab_size: int,
-        bigram_buckets: int,
-        word_min_df: int | None,
-        char_min_df: int | None,
-        C: float,
-        max_iter: int,
-        seed: int,
-    ) -> tuple[WideModel, dict[str, object]]:
-        """Fit the IDFs, the vocabularies and the LinearSVC on the train documents (token ids
-        and their raw text, in the same order); a text block whose ``min_df`` is ``None``
-        is left out. Returns (model, fit info)."""
-        model, features, info = cls.fit_features(
-            docs,
-            texts,
-            vocab_size=vocab_size,
-            bigram_buckets=bigram_buckets,
-            word_min_df=word_min_df,
-            char_min_df=char_min_df,
-        )
-        model, svm_info = model.fit_classifier(
-            features, labels, n_classes, C=C, max_iter=max_iter, seed=seed
-        )
-        return model, info | svm_info
-
-    @classmethod
     def fit_features(
         cls,
         docs: Sequence[np.ndarray],
@@ -122,9 +90,11 @@ class WideModel:
         word_min_df: int | None,
         char_min_df: int | None,
     ) -> tuple[WideModel, sp.csr_matrix, dict[str, object]]:
-        """The vocabularies and IDFs of these documents and their feature rows, kept so the
-        classifier can be fitted (and refitted with more rows) without computing them again.
-        The model scores no class yet: :meth:`fit_classifier` gives it its LinearSVC."""
+        """The vocabularies and IDFs of these documents (token ids and their raw text, in the
+        same order; a text block whose ``min_df`` is ``None`` is left out) and their feature
+        rows, kept so the classifier can be fitted (and refitted with more rows) without
+        computing them again. The model scores no class yet: :meth:`fit_classifier` gives it
+        its LinearSVC. Returns (model, feature rows, fit info)."""
         counts = [count_matrix(docs, vocab_size, bigram_buckets)]
         vocabularies: dict[str, tuple[str, ...]] = {}
         for block, min_df in (("words", word_min_df), ("chars", char_min_df)):

@@ -15,6 +15,7 @@ from pipeline.calibration import TemperatureScaling, softmax
 from pipeline.config import compose, load_section
 from pipeline.domain import GROUPS, LOGIT_COLUMNS
 from pipeline.errors import PipelineError
+from pipeline.plots import per_class_rows
 from pipeline.predictions import (
     check_against_documents,
     make_table,
@@ -255,7 +256,8 @@ def test_evaluate_scores_plots_and_reports(tmp_path: Path) -> None:
     assert "n" in rest["calibrated"] and "ece_ci_low" in rest["calibrated"]
 
     params = default_section("evaluate", bootstrap=20)
-    write_views(tmp_path / "plots", tmp_path / "figures", "m", probs, labels, params)
+    per_class = per_class_rows(labels, probs["calibrated"].argmax(axis=1), GROUPS)
+    write_views(tmp_path / "plots", tmp_path / "figures", "m", probs, labels, per_class, params)
     assert {
         p.relative_to(tmp_path / "plots").as_posix()
         for p in (tmp_path / "plots").rglob("*")
@@ -268,8 +270,8 @@ def test_evaluate_scores_plots_and_reports(tmp_path: Path) -> None:
         assert sum(r["count"] for r in rows) == len(labels) and {r["model"] for r in rows} == {"m"}
     confusion = json.loads((tmp_path / "plots/confusion/m.json").read_text())
     assert len(confusion) == len(labels) and set(confusion[0]) == {"actual", "predicted"}
-    per_class = json.loads((tmp_path / "plots/per_class/m.json").read_text())
-    assert sum(r["support"] for r in per_class) == len(labels)
+    plotted = json.loads((tmp_path / "plots/per_class/m.json").read_text())
+    assert [{k: r[k] for k in per_class[0]} for r in plotted] == per_class
 
     metrics, detail = {"m": head}, {"m": rest}
     report = render_report(metrics, detail, {"m": "temperature"}, ["m"], 20)
@@ -316,7 +318,8 @@ def test_subject_lines_and_markdown_cells() -> None:
 def test_report_html_inlines_every_figure(tmp_path: Path) -> None:
     from pipeline.plots import per_class_bars
 
-    figure = per_class_bars(np.array([0, 1]), np.array([0, 1]), ["a", "b"], tmp_path / "f/x.png")
+    rows = [{"class": c, "precision": 1.0, "recall": 1.0, "support": 1} for c in "ab"]
+    figure = per_class_bars(rows, tmp_path / "f/x.png")
     page = report_html("# T\n\n| a |\n|---|\n| 1 |\n\n![x](f/x.png)\n", tmp_path)
     assert '<meta charset="utf-8">' in page and "<table>" in page
     encoded = base64.b64encode(figure.read_bytes()).decode()

@@ -47,7 +47,7 @@ def test_png_plots(tmp_path: Path, case: tuple) -> None:
         P.reliability_diagram(raw, soft, labels, tmp_path / "rel.png", title="transformer"),
         P.confidence_histogram(raw, soft, labels, tmp_path / "conf.png"),
         P.confusion_matrix_plot(labels, preds, CLASS_NAMES, tmp_path / "sub" / "cm.png"),
-        P.per_class_bars(labels, preds, CLASS_NAMES, tmp_path / "pc.png"),
+        P.per_class_bars(P.per_class_rows(labels, preds, CLASS_NAMES), tmp_path / "pc.png"),
         P.risk_coverage_plot({"raw": raw, "soft": soft}, labels, tmp_path / "rc.png"),
     ]
     for path in paths:

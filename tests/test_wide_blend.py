@@ -58,10 +58,19 @@ def texts_of(labels: np.ndarray, seed: int = 0) -> list[str]:
     return [" ".join([*rng.choice(noise, 8), f"Topic{y}"]) for y in labels]
 
 
+FEATURE_OPTIONS = {"bigram_buckets": 64, "word_min_df": 2, "char_min_df": None}
+SVM_OPTIONS = {"C": 1.0, "max_iter": 1000, "seed": 0}
+
+
 def fit(docs, texts, labels, k: int = 4, **options) -> tuple[WideModel, dict]:
-    kwargs = {"bigram_buckets": 64, "word_min_df": 2, "char_min_df": None, "C": 1.0}
-    kwargs |= {"max_iter": 1000, "seed": 0}
-    return WideModel.fit(docs, texts, labels, k, vocab_size=VOCAB, **(kwargs | options))
+    """The features of the documents, then a LinearSVC on their rows, as the wide stage
+    fits; ``options`` override either step's."""
+    assert set(options) <= FEATURE_OPTIONS.keys() | SVM_OPTIONS.keys(), options
+    features = {key: options.get(key, value) for key, value in FEATURE_OPTIONS.items()}
+    svm = {key: options.get(key, value) for key, value in SVM_OPTIONS.items()}
+    model, rows, info = WideModel.fit_features(docs, texts, vocab_size=VOCAB, **features)
+    model, svm_info = model.fit_classifier(rows, labels, k, **svm)
+    return model, info | svm_info
 
 
 def test_wide_model_fits_predicts_and_round_trips_through_its_files(tmp_path) -> None:
@@ -78,14 +87,10 @@ def test_wide_model_fits_predicts_and_round_trips_through_its_files(tmp_path) ->
     again = WideModel.load(tmp_path / "wide")
     assert again.vocabularies == model.vocabularies
     np.testing.assert_array_equal(again.logits(docs, texts), logits)  # the files hold the model
-    # fit = the features of the documents, then a LinearSVC on their rows
-    bare, rows, _ = WideModel.fit_features(
-        docs, texts, vocab_size=VOCAB, bigram_buckets=64, word_min_df=2, char_min_df=None
-    )
-    assert bare.logits(docs[:2], texts[:2]).shape == (2, 0)  # no classifier yet
-    fitted, _ = bare.fit_classifier(rows, labels, 4, C=1.0, max_iter=1000, seed=0)
-    np.testing.assert_array_equal(fitted.coef, model.coef)
-    np.testing.assert_allclose(fitted.score(rows), logits, rtol=1e-6, atol=1e-9)
+    # the features alone score no class; the classifier scores their rows as logits() does
+    bare, rows, _ = WideModel.fit_features(docs, texts, vocab_size=VOCAB, **FEATURE_OPTIONS)
+    assert bare.logits(docs[:2], texts[:2]).shape == (2, 0)
+    np.testing.assert_allclose(model.score(rows), logits, rtol=1e-6, atol=1e-9)
 
 
 def test_wide_model_reads_the_words_of_the_raw_text() -> None:

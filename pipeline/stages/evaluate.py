@@ -146,12 +146,15 @@ def write_views(
     model: str,
     probs: dict[str, np.ndarray],
     labels: np.ndarray,
+    per_class: list[dict[str, Any]],
     params: EvaluateParams,
 ) -> None:
     """One model's DVC plot JSON, ``plot_dir/<kind>/<model>.json`` (one folder per kind,
     which dvc.yaml's plots section names, so a new model's plots appear by themselves),
     and the PNGs ``report.md`` links under ``figure_dir/<model>/``. Plot rows carry
-    ``model`` and ``calibration`` so the templates in ``.dvc/plots/`` can facet by them."""
+    ``model`` and ``calibration`` so the templates in ``.dvc/plots/`` can facet by them.
+    ``per_class`` is :func:`plots.per_class_rows` of the calibrated predictions, computed
+    once for the plot, the figure and ``metrics_detail.json``."""
     preds = probs["calibrated"].argmax(axis=1)
 
     def tagged(rows: list[dict[str, Any]], variant: str) -> list[dict[str, Any]]:
@@ -175,7 +178,7 @@ def write_views(
         ],
     )
     write_plot("confusion", plots.confusion_rows(labels, preds, GROUPS))
-    write_plot("per_class", tagged(plots.per_class_rows(labels, preds, GROUPS), "calibrated"))
+    write_plot("per_class", tagged(per_class, "calibrated"))
 
     out = figure_dir / model
     before, after = probs["uncalibrated"], probs["calibrated"]
@@ -184,7 +187,7 @@ def write_views(
         before, after, labels, out / "confidence.png", params.histogram_bins, title=model
     )
     plots.confusion_matrix_plot(labels, preds, GROUPS, out / "confusion.png", title=model)
-    plots.per_class_bars(labels, preds, GROUPS, out / "per_class.png", title=model)
+    plots.per_class_bars(per_class, out / "per_class.png", title=model)
 
 
 # ------------------------------------------------------------------ error analysis
@@ -450,12 +453,11 @@ def main() -> None:
                 validate_probabilities(ids, labels, probs[variant], f"{model} test ({variant})")
                 rows.append({"model": model, "variant": variant, **summary[variant]})
             metrics[model], detail[model] = split_summary(summary)
-            detail[model]["per_class"] = plots.per_class_rows(
-                labels, probs["calibrated"].argmax(axis=1), GROUPS
-            )
+            per_class = plots.per_class_rows(labels, probs["calibrated"].argmax(axis=1), GROUPS)
+            detail[model]["per_class"] = per_class
             methods[model] = calibrator.method
             test_probs[model] = probs["calibrated"]
-            write_views(plot_dir, figure_dir, model, probs, labels, params)
+            write_views(plot_dir, figure_dir, model, probs, labels, per_class, params)
             print(
                 f"evaluate: {model}: accuracy {summary['calibrated']['accuracy']:.4f}, ECE "
                 f"{summary['uncalibrated']['ece']:.4f} -> {summary['calibrated']['ece']:.4f} "
