@@ -31,7 +31,7 @@ import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Self
 
 import numpy as np
 import torch
@@ -124,9 +124,8 @@ def _lbfgs(params: list[torch.Tensor], loss_fn: Callable[[], torch.Tensor], max_
 
 
 def _as_tensors(logits: np.ndarray, labels: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    """Checked float64 logits and int64 labels as tensors, for the L-BFGS fits."""
-    logits = _check_logits(logits)
-    labels = _check_labels(labels, *logits.shape)
+    """The checked float64 logits and int64 labels as tensors (sharing their memory), for
+    the L-BFGS fits."""
     return torch.from_numpy(logits), torch.from_numpy(labels)
 
 
@@ -156,9 +155,17 @@ class Calibrator(ABC):
             Calibrator.registry[cls.method] = cls
 
     @classmethod
+    def fit(cls, logits: np.ndarray, labels: np.ndarray, seed: int, **opts: Any) -> Self:
+        """Fit on validation logits and labels, checked here once for every method (a bad
+        shape, a non-finite logit or a label out of range is a ValueError). ``seed`` keeps
+        one interface: every method here is deterministic."""
+        logits = _check_logits(logits)
+        return cls._fit(logits, _check_labels(labels, *logits.shape), **opts)
+
+    @classmethod
     @abstractmethod
-    def fit(cls, logits: np.ndarray, labels: np.ndarray, seed: int, **opts: Any) -> Calibrator:
-        """Fit on validation logits and labels."""
+    def _fit(cls, logits: np.ndarray, labels: np.ndarray, **opts: Any) -> Self:
+        """Fit on checked arrays: finite float64 logits (n, k) and int64 labels in [0, k)."""
 
     @abstractmethod
     def _predict(self, logits: np.ndarray) -> np.ndarray: ...
@@ -203,10 +210,8 @@ class Identity(Calibrator):
     method: ClassVar[str] = "none"
 
     @classmethod
-    def fit(cls, logits: np.ndarray, labels: np.ndarray, seed: int, **opts: Any) -> Identity:
-        if opts:
-            raise TypeError(f"unexpected options {sorted(opts)}")
-        return cls(_check_logits(logits).shape[1])
+    def _fit(cls, logits: np.ndarray, labels: np.ndarray) -> Identity:
+        return cls(logits.shape[1])
 
     def _predict(self, logits: np.ndarray) -> np.ndarray:
         return softmax(logits)
@@ -227,8 +232,8 @@ class TemperatureScaling(Calibrator):
     temperature: float
 
     @classmethod
-    def fit(
-        cls, logits: np.ndarray, labels: np.ndarray, seed: int, max_iter: int = 100
+    def _fit(
+        cls, logits: np.ndarray, labels: np.ndarray, max_iter: int = 100
     ) -> TemperatureScaling:
         """Minimise validation NLL over ``log T`` (keeps ``T > 0`` without constraints)."""
         z, y = _as_tensors(logits, labels)
@@ -250,7 +255,7 @@ class TemperatureScaling(Calibrator):
 def _log_temperature_start(logits: np.ndarray, labels: np.ndarray, max_iter: int) -> torch.Tensor:
     """``log T`` of the NLL-optimal temperature, a trainable tensor: the starting point of
     the methods built on temperature scaling."""
-    t = TemperatureScaling.fit(logits, labels, 0, max_iter=max_iter).temperature
+    t = TemperatureScaling._fit(logits, labels, max_iter=max_iter).temperature
     return torch.tensor(np.log(t), dtype=torch.float64, requires_grad=True)
 
 
@@ -275,8 +280,8 @@ class EnsembleTemperatureScaling(Calibrator):
     weights: np.ndarray  # (tempered, raw, uniform), non-negative, summing to 1
 
     @classmethod
-    def fit(
-        cls, logits: np.ndarray, labels: np.ndarray, seed: int, max_iter: int = 200
+    def _fit(
+        cls, logits: np.ndarray, labels: np.ndarray, max_iter: int = 200
     ) -> EnsembleTemperatureScaling:
         z, y = _as_tensors(logits, labels)
         k = z.shape[1]
@@ -358,9 +363,7 @@ class TemperaturePlatt(Calibrator):
     intercept: float
 
     @classmethod
-    def fit(
-        cls, logits: np.ndarray, labels: np.ndarray, seed: int, max_iter: int = 200
-    ) -> TemperaturePlatt:
+    def _fit(cls, logits: np.ndarray, labels: np.ndarray, max_iter: int = 200) -> TemperaturePlatt:
         z, y = _as_tensors(logits, labels)
         k = z.shape[1]
         top = z.argmax(dim=1)
@@ -431,11 +434,10 @@ class _AffineScaling(Calibrator):
         return z @ weight.T if cls.full else z * weight
 
     @classmethod
-    def fit(
+    def _fit(
         cls,
         logits: np.ndarray,
         labels: np.ndarray,
-        seed: int,
         reg: float | None = None,
         max_iter: int | None = None,
     ) -> _AffineScaling:
@@ -491,16 +493,9 @@ class HistogramBinning(Calibrator):
     eps: float = DEFAULT_EPS
 
     @classmethod
-    def fit(
-        cls,
-        logits: np.ndarray,
-        labels: np.ndarray,
-        seed: int,
-        n_bins: int = 15,
-        eps: float = DEFAULT_EPS,
+    def _fit(
+        cls, logits: np.ndarray, labels: np.ndarray, n_bins: int = 15, eps: float = DEFAULT_EPS
     ) -> HistogramBinning:
-        logits = _check_logits(logits)
-        labels = _check_labels(labels, *logits.shape)
         if n_bins < 1:
             raise PipelineError(f"histogram binning: n_bins={n_bins} must be >= 1")
         probs = softmax(logits)
@@ -556,11 +551,9 @@ class IsotonicCalibration(Calibrator):
     eps: float = DEFAULT_EPS
 
     @classmethod
-    def fit(
-        cls, logits: np.ndarray, labels: np.ndarray, seed: int, eps: float = DEFAULT_EPS
+    def _fit(
+        cls, logits: np.ndarray, labels: np.ndarray, eps: float = DEFAULT_EPS
     ) -> IsotonicCalibration:
-        logits = _check_logits(logits)
-        labels = _check_labels(labels, *logits.shape)
         probs = softmax(logits)
         xs, ys = [], []
         for j in range(logits.shape[1]):
@@ -610,8 +603,7 @@ def fit_calibrator(
 
     ``opts`` are method options (``reg``/``max_iter`` for scaling, ``n_bins``/``eps`` for
     histogram, ``eps`` for isotonic); an unknown method or option is a PipelineError so a
-    typo in params fails loudly. ``seed`` is accepted for a uniform interface: every method
-    here is deterministic.
+    typo in params fails loudly.
     """
     cls = Calibrator.registry.get(method)
     if cls is None:

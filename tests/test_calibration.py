@@ -87,6 +87,21 @@ def test_valid_probabilities_and_lower_held_out_nll(method: str, overconfident: 
 
 
 @pytest.mark.parametrize("method", ALL_METHODS)
+def test_every_method_checks_its_inputs_before_fitting(method: str, overconfident: tuple) -> None:
+    z, y = overconfident
+    with pytest.raises(ValueError, match=r"logits must have shape \(n>0, k>=2\)"):
+        C.fit_calibrator(method, z[:, :1], y, seed=0)
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        C.fit_calibrator(method, np.where(np.arange(z.shape[1]) == 3, np.nan, z), y, seed=0)
+    with pytest.raises(ValueError, match=f"labels must be {len(y)} integers"):
+        C.fit_calibrator(method, z, y[:-1], seed=0)
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 10\)"):
+        C.fit_calibrator(method, z, np.where(y == 0, 10, y), seed=0)
+    calibrator = C.fit_calibrator(method, z.astype(np.float32).tolist(), y.tolist(), seed=0)
+    assert calibrator.method == method and calibrator.num_classes == z.shape[1]
+
+
+@pytest.mark.parametrize("method", ALL_METHODS)
 def test_json_round_trip_gives_identical_predictions(method: str, overconfident: tuple) -> None:
     z, y = overconfident
     cal = C.fit_calibrator(method, z[:1000], y[:1000], seed=0)
