@@ -53,8 +53,10 @@ $(TOOLS):
 	npm install --prefix .tools --no-audit --no-fund --loglevel=error $(NPM_TOOLS)
 	touch $@
 
+# The suite on every core (pytest-xdist; WORKERS=0 runs it in one process).
+WORKERS ?= auto
 test: $(STAMP) $(TOOLS)  ## run the test suite
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(WORKERS) --dist loadgroup --no-loadscope-reorder
 
 gate: $(STAMP)  ## compare reports/metrics.json with main's committed metrics (BASELINE=<rev|file>)
 	$(BIN)/python -m pipeline.tools.gate $(if $(BASELINE),--baseline $(BASELINE))

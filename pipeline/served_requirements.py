@@ -14,7 +14,7 @@ import json
 import re
 import subprocess
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from functools import cache
 from importlib.metadata import distribution, packages_distributions
 from pathlib import Path
@@ -81,10 +81,11 @@ def _files_of(dist: str) -> frozenset[str]:
     return frozenset(str(f) for f in distribution(dist).files or ())
 
 
-def _relative(file: str) -> str | None:
-    """``file`` relative to the sys.path entry it was imported from (the longest match)."""
+def _relative(file: str, entries: Sequence[Path]) -> str | None:
+    """``file`` relative to the first of ``entries`` (resolved sys.path entries, longest
+    first) it lies under: the one it was imported from."""
     path = Path(file).resolve()
-    for entry in sorted((Path(p).resolve() for p in sys.path if p), key=lambda p: -len(p.parts)):
+    for entry in entries:
         if path.is_relative_to(entry):
             return path.relative_to(entry).as_posix()
     return None
@@ -99,12 +100,13 @@ def distributions_of(modules: Mapping[str, str | None]) -> set[str]:
     resolved by which of them owns the module's file.
     """
     owners = packages_distributions()
+    entries = sorted({Path(p).resolve() for p in sys.path if p}, key=lambda p: -len(p.parts))
     found = set()
     for name, file in modules.items():
         top = name.split(".")[0]
         if top in sys.stdlib_module_names or top == PACKAGE or file is None:
             continue
-        relative = _relative(file)
+        relative = _relative(file, entries)
         if relative is None:
             continue
         root = relative.split("/")[0].removesuffix(".py").split(".")[0]

@@ -2,28 +2,40 @@
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
+import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
+from filelock import FileLock
 
-from tests.helpers import (
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # One worker per core: one torch/BLAS thread each, here and in the stages it starts.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+from tests.helpers import (  # after the thread count: before anything loads torch
     archive_overrides,
     build_archive,
     copy_project,
     dvc,
     git_commit,
     run,
+    stage_env,
     write_params,
 )
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Every end-to-end test is slow too, so `-m "not slow"` leaves them out."""
-    for item in items:
-        if item.get_closest_marker("e2e"):
-            item.add_marker(pytest.mark.slow)
+    """Order for two or more xdist workers: the first test that works on the shared smoke
+    run goes first, so one worker builds that run while the others take the unit tests;
+    the other users of the smoke run go last, when it is ready."""
+    smoke = [item for item in items if "smoke" in getattr(item, "fixturenames", ())]
+    if smoke:
+        rest = [item for item in items if item not in smoke]
+        items[:] = [smoke[0], *rest, *smoke[1:]]
 
 
 @pytest.fixture(scope="session")
@@ -49,8 +61,6 @@ def _tracking_store(tmp_path_factory: pytest.TempPathFactory):
 
     Tests about tracking itself pass their own MLFLOW_TRACKING_URI.
     """
-    import os
-
     store = tmp_path_factory.mktemp("mlflow") / "mlflow.db"
     previous = os.environ.get("MLFLOW_TRACKING_URI")
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{store}"
@@ -77,31 +87,63 @@ class SmokeRun:
     overrides: list[str]  # the -S values that give this run's params.yaml
     output: str  # what the first `dvc repro` printed
     commit: str  # the git commit the stages ran on (their MLflow `git_commit` tag)
+    store: Path  # the SQLite MLflow store the smoke stages logged to
+
+
+def shared_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The one temporary folder of this pytest run, the same for every xdist worker."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
 
 
 @pytest.fixture(scope="session")
-def smoke_run(tmp_path_factory: pytest.TempPathFactory, tiny_archive) -> SmokeRun:
-    """The whole smoke pipeline, reproduced once per session: each end-to-end test works
-    on its own copy (:func:`smoke`), so the suite pays for one full run, not one per test."""
-    root = tmp_path_factory.mktemp("smoke")
-    repo = copy_project(root / "project")
-    dvc(repo, "config", "--local", "core.site_cache_dir", str(root / "site-cache"))
-    overrides = ["experiment=smoke", *archive_overrides(*tiny_archive)]
-    write_params(repo / "params.yaml", *overrides)
-    git_commit(repo)
-    commit = run(["git", "rev-parse", "HEAD"], repo).stdout.strip()
-    output = dvc(repo, "repro")
-    git_commit(repo, "smoke run")
-    return SmokeRun(repo, overrides, output, commit)
+def smoke_run(tmp_path_factory: pytest.TempPathFactory) -> SmokeRun:
+    """The whole smoke pipeline, reproduced once per test run (the first xdist worker to
+    ask builds it under a file lock, the others wait and read it): each end-to-end test
+    works on its own copy (:func:`smoke`), so the suite pays for one full run."""
+    root = shared_root(tmp_path_factory) / "smoke"
+    done = root / "smoke-run.json"
+    with FileLock(str(root) + ".lock"):
+        if not done.is_file():
+            if root.exists():  # a build that failed half-way
+                shutil.rmtree(root)
+            root.mkdir()
+            archive = root / "tiny-bydate.tar.gz"
+            repo = copy_project(root / "project")
+            dvc(repo, "config", "--local", "core.site_cache_dir", str(root / "site-cache"))
+            overrides = ["experiment=smoke", *archive_overrides(archive, build_archive(archive))]
+            write_params(repo / "params.yaml", *overrides)
+            git_commit(repo)
+            commit = run(["git", "rev-parse", "HEAD"], repo).stdout.strip()
+            store = root / "mlflow.db"
+            env = stage_env(MLFLOW_TRACKING_URI=f"sqlite:///{store}")
+            output = run([sys.executable, "-m", "dvc", "repro"], repo, env).stdout
+            git_commit(repo, "smoke run")
+            record = {"overrides": overrides, "output": output, "commit": commit}
+            done.write_text(json.dumps(record), encoding="utf-8")
+    record = json.loads(done.read_text(encoding="utf-8"))
+    return SmokeRun(
+        root / "project",
+        record["overrides"],
+        record["output"],
+        record["commit"],
+        root / "mlflow.db",
+    )
 
 
 @pytest.fixture
-def smoke(smoke_run: SmokeRun, tmp_path: Path) -> SmokeRun:
-    """A private copy of the reproduced smoke project (git history and DVC cache too)."""
+def smoke(smoke_run: SmokeRun, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> SmokeRun:
+    """A private copy of the reproduced smoke project (git history and DVC cache too) and
+    of its MLflow store, which the test's stages and MLflow clients use."""
     repo = tmp_path / "project"
-    shutil.copytree(smoke_run.repo, repo, symlinks=True)
+    shutil.copytree(
+        smoke_run.repo, repo, symlinks=True, ignore=shutil.ignore_patterns("mlartifacts")
+    )
     dvc(repo, "config", "--local", "core.site_cache_dir", str(tmp_path / "site-cache"))
-    return replace(smoke_run, repo=repo)
+    store = tmp_path / "mlflow.db"
+    shutil.copy2(smoke_run.store, store)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store}")
+    return replace(smoke_run, repo=repo, store=store)
 
 
 # ---------------------------------------------------- the tiny corpus of the model tests

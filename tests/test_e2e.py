@@ -10,13 +10,17 @@ import yaml
 
 from tests.helpers import dvc, git_commit, ran, read_json, write_params
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 # Digest of the parsed posts of the bydate data set: equal for any packing of the documents.
 REAL_CONTENT_DIGEST = "af179497a1e0161ea46f240929ea93d33638ab4ae9ad33976a326e894c7af6e0"
 
 
-def test_smoke_pipeline_reruns_only_what_changed(smoke) -> None:
-    repo, overrides = smoke.repo, smoke.overrides
+def data_files(repo: Path) -> dict[Path, bytes]:
+    return {p: p.read_bytes() for p in (repo / "data").rglob("*") if p.is_file()}
+
+
+def test_smoke_pipeline_runs_every_stage_then_nothing(smoke) -> None:
+    repo = smoke.repo
     first = smoke.output
     assert {"fetch", "tokenize", "pretrain", "finetune", "wide", "blend", "baseline"} <= ran(first)
     data = read_json(repo / "reports/data.json")
@@ -26,11 +30,15 @@ def test_smoke_pipeline_reruns_only_what_changed(smoke) -> None:
     assert tokens["splits"]["test"]["documents"] == 60 and tokens["vocab_size"] <= 800
     shown = dvc(repo, "metrics", "show")  # only the headline file: reports are plain outs
     assert "reports/metrics.json" in shown and "reports/data.json" not in shown
-    hashes = {p: p.read_bytes() for p in (repo / "data").rglob("*") if p.is_file()}
 
     assert ran(dvc(repo, "repro")) == set()  # nothing changed, nothing runs
     assert "up to date" in dvc(repo, "status").lower()
 
+
+def test_a_tokenizer_param_reruns_only_what_reads_tokens(smoke) -> None:
+    repo, overrides = smoke.repo, smoke.overrides
+    raw = repo / "data/raw/documents.parquet"
+    before = raw.read_bytes()
     # DVC's Hydra integration recomposes params.yaml from conf/ with -S overrides.
     exp = dvc(repo, "exp", "run", *(f"-S={o}" for o in overrides), "-S=tokenizer.vocab_size=400")
     # tokenize and what reads tokens rerun; fetch and the TF-IDF baseline do not.
@@ -48,15 +56,17 @@ def test_smoke_pipeline_reruns_only_what_changed(smoke) -> None:
     }
     assert yaml.safe_load((repo / "params.yaml").read_text())["tokenizer"]["vocab_size"] == 400
     assert read_json(repo / "reports/tokenize.json")["vocab_size"] == 400
-    raw = repo / "data/raw/documents.parquet"
-    assert raw.read_bytes() == hashes[raw]  # fetch output untouched
+    assert raw.read_bytes() == before  # fetch output untouched
 
+
+def test_a_forced_rerun_is_byte_identical(smoke) -> None:
     # Forcing a rerun of every stage gives byte-identical outputs: data stages and seeded
     # CPU training are deterministic (models, logits and calibrators included).
-    write_params(repo / "params.yaml", *overrides)
+    repo = smoke.repo
+    hashes = data_files(repo)
+    write_params(repo / "params.yaml", *smoke.overrides)
     dvc(repo, "repro", "--force")
-    again = {p: p.read_bytes() for p in (repo / "data").rglob("*") if p.is_file()}
-    assert again == hashes
+    assert data_files(repo) == hashes
 
 
 def test_real_archive_counts(repo: Path) -> None:

@@ -33,7 +33,7 @@ PNGS = ("reliability", "confidence", "confusion", "per_class")
 HEADLINE = {"accuracy", "macro_f1", "nll", "brier", "ece", "ece_debiased"}
 IMAGE_LINK = re.compile(r"!\[[^\]]*\]\(([^)\s]+)\)")
 PRODUCTION = "newsgroups-classifier"
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
 def _check_metrics(metrics: dict, detail: dict, n_test: int) -> None:
@@ -58,8 +58,13 @@ def image_links(markdown: str) -> list[str]:
     return IMAGE_LINK.findall(markdown)
 
 
+def exp_run(smoke, *changes: str) -> set[str]:
+    """`dvc exp run` of the smoke config with ``changes`` (``key=value``): the stages it ran."""
+    return ran(dvc(smoke.repo, "exp", "run", *(f"-S={o}" for o in [*smoke.overrides, *changes])))
+
+
 def test_smoke_pipeline_through_evaluate(smoke) -> None:
-    repo, overrides = smoke.repo, smoke.overrides
+    repo = smoke.repo
     first = ran(smoke.output)
     assert first == {
         "fetch",
@@ -98,20 +103,21 @@ def test_smoke_pipeline_through_evaluate(smoke) -> None:
     assert {f"reports/{link}" for link in links} <= committed
     assert "reports/figures/blend/reliability.png" in committed
 
+
+def test_production_registration_and_a_failed_experiment(smoke) -> None:
+    repo = smoke.repo
+    metrics = read_json(repo / "reports/metrics.json")
     # Registering a smoke run under the production name takes its param; the version then
     # says what it is.
-    overrides_run = [*(f"-S={o}" for o in overrides)]
-    exp = dvc(repo, "exp", "run", *overrides_run, "-S=register.production=true")
-    assert ran(exp) == {"register"}
+    assert exp_run(smoke, "register.production=true") == {"register"}
     check_production_version(metrics, head(repo), read_json(repo / "reports/register.json"))
     run(["git", "checkout", "--", "params.yaml", "dvc.lock", "reports"], repo)
     dvc(repo, "checkout")
-    before = {p: p.read_bytes() for p in (repo / "data").rglob("*") if p.is_file()}
 
     # A failed experiment leaves the committed reports in place (persist + atomic writes),
     # and the README's recovery (git checkout params.yaml, dvc checkout) restores the rest.
     reports = {p: p.read_bytes() for p in (repo / "reports").rglob("*.json") if p.is_file()}
-    bad = [*(f"-S={o}" for o in overrides), "-S=calibrate.method=nope"]
+    bad = [*(f"-S={o}" for o in smoke.overrides), "-S=calibrate.method=nope"]
     failed = run([sys.executable, "-m", "dvc", "exp", "run", *bad], repo, check=False)
     assert failed.returncode != 0 and "calibrate.method='nope'" in failed.stderr
     # DVC removed the cached output of the calibrate@<model> stage that failed
@@ -122,9 +128,16 @@ def test_smoke_pipeline_through_evaluate(smoke) -> None:
     assert "up to date" in dvc(repo, "status").lower()
     assert (repo / "data/models/calibrator/baseline.json").is_file()
 
+
+def test_calibrate_params_rerun_only_calibration_and_evaluation(smoke) -> None:
+    repo = smoke.repo
+    before = {p: p.read_bytes() for p in (repo / "data").rglob("*") if p.is_file()}
     # Changing only a calibrate param reruns only calibrate and what reads calibrators.
-    exp = dvc(repo, "exp", "run", *(f"-S={o}" for o in overrides), "-S=calibrate.method=vector")
-    assert ran(exp) == {*CALIBRATE.values(), "evaluate", "register"}
+    assert exp_run(smoke, "calibrate.method=vector") == {
+        *CALIBRATE.values(),
+        "evaluate",
+        "register",
+    }
     assert read_json(repo / "data/models/calibrator/baseline.json")["method"] == "vector"
     assert read_json(repo / "reports/calibrate/baseline.json")["method"] == "vector"
     _check_metrics(
@@ -137,12 +150,26 @@ def test_smoke_pipeline_through_evaluate(smoke) -> None:
     assert predictions.read_bytes() == before[predictions]  # baseline untouched
     assert "calibrate.method" in dvc(repo, "params", "diff", "HEAD")
 
+    # calibrate.models is the one list of models: dropping two reruns only evaluate (and
+    # register, which reads metrics.json), and their rows and plots leave the outputs.
+    # (every experiment keeps the workspace's values of the params changed before it)
+    kept = ["calibrate.method=vector"]
+    assert exp_run(smoke, *kept, "calibrate.models=[baseline,blend]") - {"register"} == {"evaluate"}
+    assert set(read_json(repo / "reports/metrics.json")) == {"baseline", "blend"}
+    assert {p.name for p in (repo / "reports/plots/reliability").iterdir()} == {
+        "baseline.json",
+        "blend.json",
+    }
+
+
+def test_model_params_rerun_only_their_model_and_what_reads_it(smoke) -> None:
+    repo = smoke.repo
+    before = {p: p.read_bytes() for p in (repo / "data").rglob("*") if p.is_file()}
     # A wide param reruns the wide model and what reads it, nothing upstream; a blend
     # param reruns neither model.
     # (every experiment keeps the workspace's values of the params changed before it)
-    kept = ["-S=calibrate.method=vector", "-S=wide.C=0.5"]
-    exp = dvc(repo, "exp", "run", *(f"-S={o}" for o in overrides), *kept)
-    assert ran(exp) == {
+    kept = ["wide.C=0.5"]
+    assert exp_run(smoke, *kept) == {
         "wide",
         "blend",
         CALIBRATE["wide"],
@@ -156,18 +183,17 @@ def test_smoke_pipeline_through_evaluate(smoke) -> None:
         repo / "reports/metrics.json",
     ]
     served_before = [p.read_bytes() for p in served]
-    kept.append("-S=blend.folds=3")
-    exp = dvc(repo, "exp", "run", *(f"-S={o}" for o in overrides), *kept)
+    kept.append("blend.folds=3")
+    exp = exp_run(smoke, *kept)
     # register reads the blend's weights, its calibrator and metrics: on the smoke data the
     # folds change neither (the blend separates the classes), so it is rightly skipped
     changed = [p.read_bytes() for p in served] != served_before
     rerun = {"blend", CALIBRATE["blend"], "evaluate"}
-    assert ran(exp) == rerun | ({"register"} if changed else set())
+    assert exp == rerun | ({"register"} if changed else set())
     assert read_json(repo / "reports/blend.json")["folds"] == 3
 
     # Changing only a finetune param reruns finetune and what follows, never pretrain.
-    exp = dvc(repo, "exp", "run", *(f"-S={o}" for o in overrides), *kept, "-S=finetune.dropout=0.2")
-    assert ran(exp) == {
+    assert exp_run(smoke, *kept, "finetune.dropout=0.2") == {
         "finetune",
         "blend",
         CALIBRATE["transformer"],
@@ -191,29 +217,13 @@ def test_smoke_pipeline_through_evaluate(smoke) -> None:
     assert "blend.calibrated.accuracy" in header and "finetune.dropout" in header
     assert "uncalibrated" not in compare and "transformer.calibrated" not in compare
 
-    # calibrate.models is the one list of models: dropping two reruns only evaluate (and
-    # register, which reads metrics.json), and their rows and plots leave the outputs.
-    kept.append("-S=finetune.dropout=0.2")
-    exp = dvc(
-        repo,
-        "exp",
-        "run",
-        *(f"-S={o}" for o in overrides),
-        *kept,
-        "-S=calibrate.models=[baseline,blend]",
-    )
-    assert ran(exp) - {"register"} == {"evaluate"}
-    assert set(read_json(repo / "reports/metrics.json")) == {"baseline", "blend"}
-    assert {p.name for p in (repo / "reports/plots/reliability").iterdir()} == {
-        "baseline.json",
-        "blend.json",
-    }
-
     # Every model stage's predictions are deps of blend: one joins it by params alone, up
     # to evaluate (the served model combines the encoder and the wide model only).
-    kept.append("-S=calibrate.models=[baseline,blend]")
+    kept.append("finetune.dropout=0.2")
     three = "-S=blend.models=[transformer,wide,baseline]"
-    exp = dvc(repo, "exp", "run", "evaluate", *(f"-S={o}" for o in overrides), *kept, three)
+    exp = dvc(
+        repo, "exp", "run", "evaluate", *(f"-S={o}" for o in [*smoke.overrides, *kept]), three
+    )
     assert ran(exp) == {"blend", CALIBRATE["blend"], "evaluate"}
     assert set(read_json(repo / "reports/blend.json")["weights"]) == {
         "transformer",

@@ -6,7 +6,7 @@ import pytest
 
 from tests.helpers import dvc, ran, read_json, write_params
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
 def test_validation_scheme_is_a_fetch_param(smoke) -> None:

@@ -9,9 +9,9 @@ import torch
 
 from pipeline.config import read_params
 from pipeline.domain import N_SPECIAL
-from pipeline.encoder.data import DocumentTokens
 from pipeline.encoder.embedding_init import init_embedding, install_vectors, lsa_vectors, occurring
 from pipeline.encoder.model import ModelParams
+from pipeline.encoder.tokens import DocumentTokens
 from pipeline.stages.pretrain import PretrainParams, initial_model
 
 VOCAB = 60

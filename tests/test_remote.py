@@ -10,7 +10,7 @@ import pytest
 
 from tests.helpers import archive_overrides, dvc, write_params
 
-pytestmark = pytest.mark.e2e
+pytestmark = pytest.mark.e2e  # one cheap stage: in the fast set too
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:

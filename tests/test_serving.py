@@ -46,6 +46,8 @@ from tests.helpers import (
     wait_for_http,
 )
 
+# Its module fixtures (a trained project, a registry, a server) are built once: one worker.
+pytestmark = pytest.mark.xdist_group("test_serving")
 NAME = "test-newsgroups"
 TEXTS = (
     "Subject: graphics cards\n\nWhich card renders 3D fastest?",
@@ -340,6 +342,7 @@ def test_a_served_blend_must_be_of_models_serving_can_compute(tmp_path: Path) ->
 LOAD_AND_PREDICT = """
 import json, sys
 import mlflow.pyfunc, pandas as pd
+
 model = mlflow.pyfunc.load_model(sys.argv[1])
 out = model.predict(pd.DataFrame({"text": json.loads(sys.argv[2])}))
 print(out.to_json(orient="split"))

@@ -88,7 +88,6 @@ def workdir(tmp_path: Path, tiny_archive) -> Path:
     return work
 
 
-@pytest.mark.slow
 def test_stages_log_params_metrics_tags_and_artifacts(workdir: Path, tiny_archive) -> None:
     uri = f"sqlite:///{workdir.parent}/store.db"
     for stage in ("fetch", "tokenize"):

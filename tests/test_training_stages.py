@@ -17,8 +17,8 @@ import yaml
 
 from pipeline.domain import LOGIT_COLUMNS
 from pipeline.encoder.collate import ClassifyCollator
-from pipeline.encoder.data import load_splits, load_vocab_size
 from pipeline.encoder.model import Classifier, ModelParams
+from pipeline.encoder.tokens import load_splits, load_vocab_size
 from pipeline.encoder.training import (
     ClassifierModule,
     TrainerParams,

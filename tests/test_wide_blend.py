@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 import yaml
+from sklearn.svm import LinearSVC
 
 from pipeline.bag import bag_features, count_matrix
 from pipeline.domain import LOGIT_COLUMNS
@@ -153,7 +154,7 @@ def test_wide_model_needs_every_class_and_its_files(tmp_path) -> None:
 def test_wide_stage_predicts_validation_held_out_and_test_with_the_refit(project) -> None:
     """Validation rows come from the model fitted on train alone (blend and calibrate fit on
     them); with refit, the LinearSVC of train + validation predicts test and is saved."""
-    from pipeline.encoder.data import load_splits
+    from pipeline.encoder.tokens import load_splits
     from pipeline.stages.wide import run
     from tests.helpers import default_section
     from tests.tiny import VOCAB as TINY_VOCAB
@@ -190,8 +191,20 @@ def test_wide_stage_predicts_validation_held_out_and_test_with_the_refit(project
     expected, _ = held.fit_classifier(
         rows, labels, 20, C=params.C, max_iter=params.max_iter, seed=0
     )
-    # the feature rows are rebuilt here, so float noise: not bit-equal
-    np.testing.assert_allclose(refit.coef, expected.coef, atol=1e-6)
+    # The rows are rebuilt here, so they differ from the stage's by float noise, and
+    # liblinear stops at its own tolerance: the two fits agree to within a multiple of that
+    # tolerance, not bit for bit (rows are L2-normalised, so a margin moves by at most the
+    # norm of the coefficient difference).
+    tol = 10 * LinearSVC().tol
+    np.testing.assert_allclose(refit.coef, expected.coef, atol=tol)
+    test = splits["test"]
+    test_rows = held.features([ex.tokens for ex in test], [text[i] for i in test.ids])
+    margins, expected_margins = refit.score(test_rows), expected.score(test_rows)
+    np.testing.assert_allclose(margins, expected_margins, atol=tol)
+    top_two = np.sort(expected_margins, axis=1)[:, -2:]
+    clear = top_two[:, 1] - top_two[:, 0] > 2 * tol  # a closer call may flip either way
+    assert clear.mean() > 0.9
+    assert (margins.argmax(1) == expected_margins.argmax(1))[clear].all()
 
 
 def test_fold_ids_are_stratified_balanced_and_seeded() -> None:

@@ -7,8 +7,9 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.domain import GROUPS, SPECIAL_TOKENS
-from pipeline.encoder.data import TokenizedDataModule, load_splits
+from pipeline.encoder.data import TokenizedDataModule
 from pipeline.encoder.model import ModelParams
+from pipeline.encoder.tokens import load_splits
 from pipeline.encoder.training import (
     TrainerParams,
 )

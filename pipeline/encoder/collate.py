@@ -8,21 +8,16 @@ ones the served model scores, so served logits equal the pipeline's.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, NamedTuple
+from typing import Literal
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from pipeline.domain import CLS_ID, PAD_ID, SEP_ID
+from pipeline.encoder.tokens import Example
 
 LongDoc = Literal["chunk", "head_tail", "head"]
-
-
-class Example(NamedTuple):
-    index: int
-    tokens: np.ndarray  # int32, the whole document without special tokens
-    label: int
 
 
 def pad_sequences(seqs: list[np.ndarray]) -> tuple[Tensor, Tensor]:

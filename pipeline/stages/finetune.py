@@ -27,7 +27,7 @@ from pydantic import Field
 from pipeline import paths
 from pipeline.domain import NUM_CLASSES, PREDICTION_SPLITS
 from pipeline.encoder.collate import ClassifyCollator, LongDoc
-from pipeline.encoder.data import DocumentTokens, TokenizedDataModule, load_splits, load_vocab_size
+from pipeline.encoder.data import TokenizedDataModule
 from pipeline.encoder.model import (
     ChunkPooling,
     Classifier,
@@ -38,6 +38,7 @@ from pipeline.encoder.model import (
     load_model_files,
     parameter_counts,
 )
+from pipeline.encoder.tokens import DocumentTokens, load_splits, load_vocab_size
 from pipeline.encoder.training import (
     BestWeights,
     ClassifierModule,

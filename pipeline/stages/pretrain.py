@@ -28,13 +28,7 @@ from pydantic import Field
 
 from pipeline import paths
 from pipeline.domain import GROUPS
-from pipeline.encoder.data import (
-    DocumentTokens,
-    LMCollator,
-    TokenizedDataModule,
-    load_splits,
-    load_vocab_size,
-)
+from pipeline.encoder.data import LMCollator, TokenizedDataModule
 from pipeline.encoder.embedding_init import EmbeddingInit, init_embedding
 from pipeline.encoder.model import (
     LanguageModel,
@@ -44,6 +38,7 @@ from pipeline.encoder.model import (
     format_parameter_counts,
     parameter_counts,
 )
+from pipeline.encoder.tokens import DocumentTokens, load_splits, load_vocab_size
 from pipeline.encoder.training import (
     EpochSeed,
     LMModule,

@@ -31,6 +31,7 @@ from pydantic import Field
 from pipeline import paths
 from pipeline.config import Section, load_section, load_seed
 from pipeline.domain import GROUPS, PREDICTION_SPLITS
+from pipeline.encoder.tokens import load_splits, load_vocab_size
 from pipeline.errors import run_stage
 from pipeline.predictions import (
     make_table,
@@ -88,8 +89,6 @@ def run(
 ):
     """Fit on train and predict validation; with ``params.refit``, refit the LinearSVC on
     train + validation; predict test with the model kept. (model, predictions, report)."""
-    from pipeline.encoder.data import load_splits, load_vocab_size
-
     vocab_size = load_vocab_size(tokenizer)
     splits = load_splits(tokenized, vocab_size, len(GROUPS))
     text = read_texts(documents)

@@ -24,8 +24,9 @@ import torch
 import yaml
 from torch.utils.data import DataLoader
 
-from pipeline.encoder.data import LMCollator, load_splits, load_vocab_size
+from pipeline.encoder.data import LMCollator
 from pipeline.encoder.model import LanguageModel, ModelParams
+from pipeline.encoder.tokens import load_splits, load_vocab_size
 from pipeline.encoder.training import LMModule, TrainerParams, build_trainer, configure_adamw
 from pipeline.stages.pretrain import PretrainParams
 
