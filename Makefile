@@ -56,7 +56,7 @@ $(TOOLS):
 # The suite on every core (pytest-xdist; WORKERS=0 runs it in one process). The slowest
 # tests: PYTEST_ADDOPTS=--durations=40 make test
 WORKERS ?= auto
-PYTEST := $(BIN)/python -m pytest -n $(WORKERS) --dist loadgroup --no-loadscope-reorder
+PYTEST := $(BIN)/python -m pytest -n $(WORKERS) --no-loadscope-reorder
 test: $(STAMP) $(TOOLS)  ## run the test suite
 	$(PYTEST)
 

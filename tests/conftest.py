@@ -27,15 +27,33 @@ from tests.helpers import (  # after the thread count: before anything loads tor
     write_params,
 )
 
+# Modules whose module-scoped fixtures (a trained project, a registry, a model server) are
+# worth building once: xdist runs each of them on one worker. (`--dist loadgroup` would say
+# it with marks, but it ignores them with pytest 9.2: pytest-xdist issue 1386.)
+ONE_WORKER_MODULES = frozenset({"tests/test_serving.py", "tests/test_stage_errors_eval.py"})
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    """xdist's scope scheduler with one unit per test, except the modules above."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class Scheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return module if module in ONE_WORKER_MODULES else nodeid
+
+    return Scheduling(config, log)
+
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Order for two or more xdist workers: the first test that works on the shared smoke
-    run goes first, so one worker builds that run while the others take the unit tests;
-    the other users of the smoke run go last, when it is ready."""
+    run goes first, so one worker builds that run while the others take the rest; then
+    the modules that stay on one worker (long set-up), the other tests, and last the other
+    users of the smoke run, when it is ready."""
     smoke = [item for item in items if "smoke" in getattr(item, "fixturenames", ())]
-    if smoke:
-        rest = [item for item in items if item not in smoke]
-        items[:] = [smoke[0], *rest, *smoke[1:]]
+    grouped = [item for item in items if item.nodeid.split("::")[0] in ONE_WORKER_MODULES]
+    rest = [item for item in items if item not in smoke and item not in grouped]
+    items[:] = [*smoke[:1], *grouped, *rest, *smoke[1:]]
 
 
 @pytest.fixture(scope="session")

@@ -21,6 +21,9 @@ from tests.helpers import (
 
 TOP = "20news-bydate"
 
+# Stages run untracked here: what they log to MLflow is tested in test_tracking.py.
+SMOKE = ("experiment=smoke", "tracking.enabled=false")
+
 
 def write_archive(
     path: Path, extra: dict[str, bytes] | None = None, skip: tuple[str, ...] = ()
@@ -41,7 +44,7 @@ def write_archive(
 
 def run_fetch(workdir: Path, archive: Path, sha: str):
     workdir.mkdir(exist_ok=True)
-    write_params(workdir / "params.yaml", "experiment=smoke", *archive_overrides(archive, sha))
+    write_params(workdir / "params.yaml", *SMOKE, *archive_overrides(archive, sha))
     return run_stage("fetch", workdir)
 
 

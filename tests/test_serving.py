@@ -46,8 +46,6 @@ from tests.helpers import (
     wait_for_http,
 )
 
-# Its module fixtures (a trained project, a registry, a server) are built once: one worker.
-pytestmark = pytest.mark.xdist_group("test_serving")
 NAME = "test-newsgroups"
 TEXTS = (
     "Subject: graphics cards\n\nWhich card renders 3D fastest?",
