@@ -33,6 +33,7 @@ from tests.helpers import (  # after the thread count: before anything loads tor
 ONE_WORKER_MODULES = frozenset({"tests/test_serving.py", "tests/test_stage_errors_eval.py"})
 
 
+@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist: unknown without it
 def pytest_xdist_make_scheduler(config: pytest.Config, log):
     """xdist's scope scheduler with one unit per test, except the modules above."""
     from xdist.scheduler import LoadScopeScheduling
