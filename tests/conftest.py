@@ -22,6 +22,7 @@ from tests.helpers import (  # after the thread count: before anything loads tor
     copy_project,
     dvc,
     git_commit,
+    ran,
     run,
     stage_env,
     write_params,
@@ -108,6 +109,16 @@ class SmokeRun:
     commit: str  # the git commit the stages ran on (their MLflow `git_commit` tag)
     store: Path  # the SQLite MLflow store the smoke stages logged to
 
+    def exp_run(self, *changes: str, stage: str | None = None) -> set[str]:
+        """`dvc exp run` of this run's config with ``changes`` (``key=value``), of
+        everything or of ``stage`` and what it needs: the stages it ran."""
+        sets = (f"-S={o}" for o in [*self.overrides, *changes])
+        return ran(dvc(self.repo, "exp", "run", *([stage] if stage else []), *sets))
+
+    def data_files(self) -> dict[Path, bytes]:
+        """Every file under the project's ``data/`` with its bytes."""
+        return {p: p.read_bytes() for p in (self.repo / "data").rglob("*") if p.is_file()}
+
 
 def shared_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The one temporary folder of this pytest run, the same for every xdist worker."""
@@ -121,33 +132,26 @@ def smoke_run(tmp_path_factory: pytest.TempPathFactory) -> SmokeRun:
     ask builds it under a file lock, the others wait and read it): each end-to-end test
     works on its own copy (:func:`smoke`), so the suite pays for one full run."""
     root = shared_root(tmp_path_factory) / "smoke"
-    done = root / "smoke-run.json"
+    repo, store, done = root / "project", root / "mlflow.db", root / "smoke-run.json"
     with FileLock(str(root) + ".lock"):
         if not done.is_file():
             if root.exists():  # a build that failed half-way
                 shutil.rmtree(root)
             root.mkdir()
             archive = root / "tiny-bydate.tar.gz"
-            repo = copy_project(root / "project")
+            copy_project(repo)
             dvc(repo, "config", "--local", "core.site_cache_dir", str(root / "site-cache"))
             overrides = ["experiment=smoke", *archive_overrides(archive, build_archive(archive))]
             write_params(repo / "params.yaml", *overrides)
             git_commit(repo)
             commit = run(["git", "rev-parse", "HEAD"], repo).stdout.strip()
-            store = root / "mlflow.db"
             env = stage_env(MLFLOW_TRACKING_URI=f"sqlite:///{store}")
             output = run([sys.executable, "-m", "dvc", "repro"], repo, env).stdout
             git_commit(repo, "smoke run")
             record = {"overrides": overrides, "output": output, "commit": commit}
             done.write_text(json.dumps(record), encoding="utf-8")
     record = json.loads(done.read_text(encoding="utf-8"))
-    return SmokeRun(
-        root / "project",
-        record["overrides"],
-        record["output"],
-        record["commit"],
-        root / "mlflow.db",
-    )
+    return SmokeRun(repo, record["overrides"], record["output"], record["commit"], store)
 
 
 @pytest.fixture

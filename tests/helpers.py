@@ -29,6 +29,9 @@ GIT_ENV = {
     "GIT_COMMITTER_NAME": "test",
     "GIT_COMMITTER_EMAIL": "test@example.com",
 }
+# The smoke config with tracking off, for stage runs whose MLflow logging is not what the
+# test is about (test_tracking.py tests that): no MLflow start-up in every stage process.
+SMOKE_UNTRACKED = ("experiment=smoke", "tracking.enabled=false")
 # Words that make each group's posts distinguishable, so tiny models can learn something.
 TOPIC_WORDS = [g.replace(".", " ").replace("-", " ") for g in GROUPS]
 

@@ -15,10 +15,6 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 REAL_CONTENT_DIGEST = "af179497a1e0161ea46f240929ea93d33638ab4ae9ad33976a326e894c7af6e0"
 
 
-def data_files(repo: Path) -> dict[Path, bytes]:
-    return {p: p.read_bytes() for p in (repo / "data").rglob("*") if p.is_file()}
-
-
 def test_smoke_pipeline_runs_every_stage_then_nothing(smoke) -> None:
     repo = smoke.repo
     first = smoke.output
@@ -36,13 +32,12 @@ def test_smoke_pipeline_runs_every_stage_then_nothing(smoke) -> None:
 
 
 def test_a_tokenizer_param_reruns_only_what_reads_tokens(smoke) -> None:
-    repo, overrides = smoke.repo, smoke.overrides
+    repo = smoke.repo
     raw = repo / "data/raw/documents.parquet"
     before = raw.read_bytes()
     # DVC's Hydra integration recomposes params.yaml from conf/ with -S overrides.
-    exp = dvc(repo, "exp", "run", *(f"-S={o}" for o in overrides), "-S=tokenizer.vocab_size=400")
     # tokenize and what reads tokens rerun; fetch and the TF-IDF baseline do not.
-    assert ran(exp) == {
+    assert smoke.exp_run("tokenizer.vocab_size=400") == {
         "tokenize",
         "pretrain",
         "finetune",
@@ -63,10 +58,10 @@ def test_a_forced_rerun_is_byte_identical(smoke) -> None:
     # Forcing a rerun of every stage gives byte-identical outputs: data stages and seeded
     # CPU training are deterministic (models, logits and calibrators included).
     repo = smoke.repo
-    hashes = data_files(repo)
+    hashes = smoke.data_files()
     write_params(repo / "params.yaml", *smoke.overrides)
     dvc(repo, "repro", "--force")
-    assert data_files(repo) == hashes
+    assert smoke.data_files() == hashes
 
 
 def test_real_archive_counts(repo: Path) -> None:

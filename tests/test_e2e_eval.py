@@ -58,11 +58,6 @@ def image_links(markdown: str) -> list[str]:
     return IMAGE_LINK.findall(markdown)
 
 
-def exp_run(smoke, *changes: str) -> set[str]:
-    """`dvc exp run` of the smoke config with ``changes`` (``key=value``): the stages it ran."""
-    return ran(dvc(smoke.repo, "exp", "run", *(f"-S={o}" for o in [*smoke.overrides, *changes])))
-
-
 def test_smoke_pipeline_through_evaluate(smoke) -> None:
     repo = smoke.repo
     first = ran(smoke.output)
@@ -109,7 +104,7 @@ def test_production_registration_and_a_failed_experiment(smoke) -> None:
     metrics = read_json(repo / "reports/metrics.json")
     # Registering a smoke run under the production name takes its param; the version then
     # says what it is.
-    assert exp_run(smoke, "register.production=true") == {"register"}
+    assert smoke.exp_run("register.production=true") == {"register"}
     check_production_version(metrics, head(repo), read_json(repo / "reports/register.json"))
     run(["git", "checkout", "--", "params.yaml", "dvc.lock", "reports"], repo)
     dvc(repo, "checkout")
@@ -131,9 +126,9 @@ def test_production_registration_and_a_failed_experiment(smoke) -> None:
 
 def test_calibrate_params_rerun_only_calibration_and_evaluation(smoke) -> None:
     repo = smoke.repo
-    before = {p: p.read_bytes() for p in (repo / "data").rglob("*") if p.is_file()}
+    before = smoke.data_files()
     # Changing only a calibrate param reruns only calibrate and what reads calibrators.
-    assert exp_run(smoke, "calibrate.method=vector") == {
+    assert smoke.exp_run("calibrate.method=vector") == {
         *CALIBRATE.values(),
         "evaluate",
         "register",
@@ -154,7 +149,7 @@ def test_calibrate_params_rerun_only_calibration_and_evaluation(smoke) -> None:
     # register, which reads metrics.json), and their rows and plots leave the outputs.
     # (every experiment keeps the workspace's values of the params changed before it)
     kept = ["calibrate.method=vector"]
-    assert exp_run(smoke, *kept, "calibrate.models=[baseline,blend]") - {"register"} == {"evaluate"}
+    assert smoke.exp_run(*kept, "calibrate.models=[baseline,blend]") - {"register"} == {"evaluate"}
     assert set(read_json(repo / "reports/metrics.json")) == {"baseline", "blend"}
     assert {p.name for p in (repo / "reports/plots/reliability").iterdir()} == {
         "baseline.json",
@@ -168,7 +163,7 @@ def test_model_params_rerun_only_their_model_and_what_reads_it(smoke) -> None:
     # param reruns neither model.
     # (every experiment keeps the workspace's values of the params changed before it)
     kept = ["wide.C=0.5"]
-    assert exp_run(smoke, *kept) == {
+    assert smoke.exp_run(*kept) == {
         "wide",
         "blend",
         CALIBRATE["wide"],
@@ -183,7 +178,7 @@ def test_model_params_rerun_only_their_model_and_what_reads_it(smoke) -> None:
     ]
     served_before = [p.read_bytes() for p in served]
     kept.append("blend.folds=3")
-    exp = exp_run(smoke, *kept)
+    exp = smoke.exp_run(*kept)
     # register reads the blend's weights, its calibrator and metrics: on the smoke data the
     # folds change neither (the blend separates the classes), so it is rightly skipped
     changed = [p.read_bytes() for p in served] != served_before
@@ -194,9 +189,9 @@ def test_model_params_rerun_only_their_model_and_what_reads_it(smoke) -> None:
 
 def test_a_finetune_param_reruns_the_encoder_but_never_pretrain(smoke) -> None:
     repo = smoke.repo
-    before = {p: p.read_bytes() for p in (repo / "data").rglob("*") if p.is_file()}
+    before = smoke.data_files()
     # Changing only a finetune param reruns finetune and what follows, never pretrain.
-    assert exp_run(smoke, "finetune.dropout=0.2") == {
+    assert smoke.exp_run("finetune.dropout=0.2") == {
         "finetune",
         "blend",
         CALIBRATE["transformer"],
@@ -224,11 +219,12 @@ def test_a_finetune_param_reruns_the_encoder_but_never_pretrain(smoke) -> None:
     # to evaluate (the served model combines the encoder and the wide model only).
     # (every experiment keeps the workspace's values of the params changed before it)
     kept = ["finetune.dropout=0.2"]
-    three = "-S=blend.models=[transformer,wide,baseline]"
-    exp = dvc(
-        repo, "exp", "run", "evaluate", *(f"-S={o}" for o in [*smoke.overrides, *kept]), three
-    )
-    assert ran(exp) == {"blend", CALIBRATE["blend"], "evaluate"}
+    three = "blend.models=[transformer,wide,baseline]"
+    assert smoke.exp_run(*kept, three, stage="evaluate") == {
+        "blend",
+        CALIBRATE["blend"],
+        "evaluate",
+    }
     assert set(read_json(repo / "reports/blend.json")["weights"]) == {
         "transformer",
         "wide",

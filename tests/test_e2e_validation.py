@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.helpers import dvc, ran, read_json, write_params
+from tests.helpers import dvc, read_json, write_params
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -25,14 +25,14 @@ def test_validation_scheme_is_a_fetch_param(smoke) -> None:
     # On the tiny archive every train post is a thread of its own and both schemes walk
     # the class in the same seeded order, so `random` picks the very posts `thread` did:
     # fetch reruns, its output is byte-identical, and DVC stops there.
-    exp = dvc(repo, "exp", "run", *(f"-S={o}" for o in overrides), "-S=data.validation=random")
-    assert ran(exp) == {"fetch"}
+    assert smoke.exp_run("data.validation=random") == {"fetch"}
     assert raw.read_bytes() == before
     assert read_json(repo / "reports/data.json")["validation_scheme"] == "random"
 
     # `latest` moves other posts: every stage downstream of fetch (all of them) reruns.
-    exp = dvc(repo, "exp", "run", *(f"-S={o}" for o in overrides), "-S=data.validation=latest")
-    assert ran(exp) == set(dvc(repo, "stage", "list", "--name-only").split())
+    assert smoke.exp_run("data.validation=latest") == set(
+        dvc(repo, "stage", "list", "--name-only").split()
+    )
     assert raw.read_bytes() != before
     data = read_json(repo / "reports/data.json")
     assert data["validation_scheme"] == "latest"

@@ -10,6 +10,7 @@ import pytest
 from pipeline.domain import GROUPS
 from pipeline.io import sha256_file
 from tests.helpers import (
+    SMOKE_UNTRACKED,
     add_bytes,
     archive_overrides,
     assert_failed_cleanly,
@@ -20,9 +21,6 @@ from tests.helpers import (
 )
 
 TOP = "20news-bydate"
-
-# Stages run untracked here: what they log to MLflow is tested in test_tracking.py.
-SMOKE = ("experiment=smoke", "tracking.enabled=false")
 
 
 def write_archive(
@@ -44,7 +42,7 @@ def write_archive(
 
 def run_fetch(workdir: Path, archive: Path, sha: str):
     workdir.mkdir(exist_ok=True)
-    write_params(workdir / "params.yaml", *SMOKE, *archive_overrides(archive, sha))
+    write_params(workdir / "params.yaml", *SMOKE_UNTRACKED, *archive_overrides(archive, sha))
     return run_stage("fetch", workdir)
 
 

@@ -9,15 +9,13 @@ import pytest
 
 from pipeline.io import sha256_file
 from tests.helpers import (
+    SMOKE_UNTRACKED,
     archive_overrides,
     assert_failed_cleanly,
     build_archive,
     run_stage,
     write_params,
 )
-
-# Stages run untracked here: what they log to MLflow is tested in test_tracking.py.
-SMOKE = ("experiment=smoke", "tracking.enabled=false")
 
 
 @pytest.fixture
@@ -28,7 +26,7 @@ def workdir(tmp_path: Path) -> Path:
 
 @pytest.mark.slow
 def test_fetch_then_tokenize_succeed_on_a_tiny_archive(workdir: Path, tiny_archive) -> None:
-    write_params(workdir / "params.yaml", *SMOKE, *archive_overrides(*tiny_archive))
+    write_params(workdir / "params.yaml", *SMOKE_UNTRACKED, *archive_overrides(*tiny_archive))
     assert run_stage("fetch", workdir).returncode == 0
     proc = run_stage("tokenize", workdir)
     assert proc.returncode == 0, proc.stderr
@@ -42,18 +40,18 @@ def test_corrupt_archive(workdir: Path, tiny_archive, tmp_path: Path) -> None:
     broken = tmp_path / "broken.tar.gz"
     broken.write_bytes(data[: len(data) * 2 // 3])
     sha = sha256_file(broken)
-    write_params(workdir / "params.yaml", *SMOKE, *archive_overrides(broken, sha))
+    write_params(workdir / "params.yaml", *SMOKE_UNTRACKED, *archive_overrides(broken, sha))
     assert_failed_cleanly(run_stage("fetch", workdir), workdir, "broken.tar.gz", "corrupt")
 
 
 def test_wrong_checksum(workdir: Path, tiny_archive) -> None:
     path, _ = tiny_archive
-    write_params(workdir / "params.yaml", *SMOKE, *archive_overrides(path, "a" * 64))
+    write_params(workdir / "params.yaml", *SMOKE_UNTRACKED, *archive_overrides(path, "a" * 64))
     assert_failed_cleanly(run_stage("fetch", workdir), workdir, "checksum mismatch")
 
 
 def test_missing_archive_from_environment(workdir: Path) -> None:
-    write_params(workdir / "params.yaml", *SMOKE)
+    write_params(workdir / "params.yaml", *SMOKE_UNTRACKED)
     proc = run_stage("fetch", workdir, NEWSGROUPS_ARCHIVE=str(workdir / "nope.tar.gz"))
     assert_failed_cleanly(proc, workdir, "nope.tar.gz", "$NEWSGROUPS_ARCHIVE", "not found")
 
@@ -63,7 +61,7 @@ def test_member_escaping_the_archive(workdir: Path, tmp_path: Path) -> None:
     evil.size = 10
     path = tmp_path / "evil.tar.gz"
     sha = build_archive(path, n_train=2, n_test=1, extra=[evil])
-    write_params(workdir / "params.yaml", *SMOKE, *archive_overrides(path, sha))
+    write_params(workdir / "params.yaml", *SMOKE_UNTRACKED, *archive_overrides(path, sha))
     assert_failed_cleanly(run_stage("fetch", workdir), workdir, "unsafe archive member")
     assert not (tmp_path / "outside").exists()
 
@@ -78,10 +76,12 @@ def test_member_escaping_the_archive(workdir: Path, tmp_path: Path) -> None:
     ],
 )
 def test_invalid_params(workdir: Path, tiny_archive, stage: str, override: str, fragment: str):
-    write_params(workdir / "params.yaml", *SMOKE, override, *archive_overrides(*tiny_archive))
+    write_params(
+        workdir / "params.yaml", *SMOKE_UNTRACKED, override, *archive_overrides(*tiny_archive)
+    )
     assert_failed_cleanly(run_stage(stage, workdir), workdir, "params.yaml", fragment)
 
 
 def test_tokenize_without_fetch_output(workdir: Path) -> None:
-    write_params(workdir / "params.yaml", *SMOKE)
+    write_params(workdir / "params.yaml", *SMOKE_UNTRACKED)
     assert_failed_cleanly(run_stage("tokenize", workdir), workdir, "documents.parquet", "not found")

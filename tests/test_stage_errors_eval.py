@@ -11,6 +11,7 @@ import pytest
 
 from pipeline.domain import LOGIT_COLUMNS
 from tests.helpers import (
+    SMOKE_UNTRACKED,
     archive_overrides,
     assert_failed_cleanly,
     run_stage,
@@ -19,8 +20,7 @@ from tests.helpers import (
 )
 
 # These tests exercise calibrate/evaluate on the baseline alone (no transformer stages).
-# Stages run untracked here: what they log to MLflow is tested in test_tracking.py.
-BASELINE_ONLY = ("experiment=smoke", "calibrate.models=[baseline]", "tracking.enabled=false")
+BASELINE_ONLY = (*SMOKE_UNTRACKED, "calibrate.models=[baseline]")
 
 
 @pytest.fixture(scope="module")
