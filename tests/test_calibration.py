@@ -10,6 +10,7 @@ from sklearn.isotonic import IsotonicRegression
 
 from pipeline import calibration as C
 from pipeline import metrics as M
+from pipeline.calibration import scaling
 from pipeline.errors import PipelineError
 
 ALL_METHODS = ["none", *C.METHODS]
@@ -307,7 +308,7 @@ def test_new_methods_never_change_the_argmax(cal: C.Calibrator) -> None:
         assert np.array_equal(probs.argmax(axis=1), logits.argmax(axis=1))
     if isinstance(cal, C.TemperaturePlatt) and cal.intercept < 0:
         # Without the runner-up floor the plain Platt map would flip many rows here.
-        _, s, _, rest = C._top_label_parts(z / cal.temperature)
+        _, s, _, rest = scaling._top_label_parts(z / cal.temperature)
         plain = 1 / (1 + np.exp(-(cal.slope * s + cal.intercept)))
         runner_up = rest.max(axis=1) * (1 - plain)
         assert np.mean(runner_up > plain) > 0.1
