@@ -41,8 +41,8 @@ MetricFn = Callable[[np.ndarray, np.ndarray], float]
 def torch_single_thread() -> Iterator[None]:
     """Run torch on one thread inside the block, then restore the previous setting.
 
-    Metric and calibration tensors are tiny (n x k); extra intra-op threads only add
-    synchronisation, and on a busy 2-core machine they made fits up to 10x slower.
+    Metric and calibration tensors are tiny (n x k), so extra intra-op threads only add
+    synchronisation and slow the fits down.
     """
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -100,7 +100,7 @@ def nll(probs: np.ndarray, labels: np.ndarray) -> float:
     """Mean negative log-likelihood of the true class (scikit-learn ``log_loss``, natural log).
 
     scikit-learn clips probabilities to [eps, 1 - eps] (float64 eps), so a zero on the true
-    class costs about 36 nats instead of infinity.
+    class costs ``-log(eps)`` nats instead of infinity.
     """
     probs, labels = check_inputs(probs, labels)
     return float(log_loss(labels, probs, labels=np.arange(probs.shape[1])))
@@ -158,7 +158,7 @@ def ece_debiased(probs: np.ndarray, labels: np.ndarray, n_bins: int = N_BINS) ->
 
     The plug-in ECE is never 0, even for a perfectly calibrated model: a bin's observed
     accuracy scatters around its true value, and the gap ``|acc - conf|`` turns that noise
-    into error (about 0.8% at n = 7,532 with 15 bins). Kumar, Liang & Ma ("Verified
+    into error, more so the fewer rows a bin holds. Kumar, Liang & Ma ("Verified
     uncertainty calibration") subtract the bin's variance ``acc (1 - acc) / (n_b - 1)``
     from its squared gap, which makes the estimate of the *squared* error unbiased; this
     returns its square root (an L2 error, clipped at 0), over the same 15 equal-width bins

@@ -5,8 +5,8 @@ PNG functions take plain arrays and an output path and draw on a standalone
 need no display and are safe to call from tests. The ``*_rows`` functions return lists of
 flat dicts that the stage writes as JSON for ``dvc plots show`` (drawn by the Vega-Lite
 templates in ``.dvc/plots/``); they are computed by the same metric code as the PNGs, so
-both views always agree. Numbers are fractions everywhere (ECE 0.028, not 2.8%), as in
-``reports/metrics.json`` and MLflow.
+both views always agree. Numbers are fractions in [0, 1] everywhere, never percentages,
+as in ``reports/metrics.json`` and MLflow.
 """
 
 from __future__ import annotations
@@ -198,8 +198,9 @@ def risk_coverage_plot(
 ) -> Path:
     """Accuracy vs coverage when abstaining on the least confident documents, one line per model.
 
-    Reading it: at coverage 0.8 the model answers its 80% most confident documents; a curve
-    that rises steeply toward low coverage means confidence ranks errors well.
+    Reading it: at coverage ``c`` the model answers the fraction ``c`` of documents it is
+    most confident about; a curve that rises steeply toward low coverage means confidence
+    ranks errors well.
     """
     fig = Figure(figsize=(6, 4.5))
     ax = fig.add_subplot(1, 1, 1)

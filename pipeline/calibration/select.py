@@ -86,24 +86,9 @@ def select_auto(
     """
     logits = check_logits(logits)
     labels = check_labels(labels, *logits.shape)
-    if not methods:
-        raise PipelineError("calibration auto-selection needs at least one method")
-    unknown = [m for m in methods if m not in Calibrator.registry]
-    if unknown:
-        allowed = ", ".join(sorted(Calibrator.registry))
-        raise PipelineError(f"unknown calibration methods {unknown} (known: {allowed})")
-    largest_class = int(np.bincount(labels).max())
-    if not 2 <= folds <= largest_class:
-        raise PipelineError(
-            f"calibration folds={folds} must lie in [2, {largest_class}] "
-            "(the size of the largest validation class)"
-        )
+    _check_candidates(methods, labels, folds)
     method_opts = method_opts or {}
-    splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
-    with warnings.catch_warnings():
-        # Small (smoke) validation splits have classes rarer than `folds`; that is fine here.
-        warnings.filterwarnings("ignore", message="The least populated class", category=UserWarning)
-        splits = list(splitter.split(logits, labels))
+    splits = _stratified_folds(logits, labels, folds, seed)
     table: dict[str, dict[str, Any]] = {}
     for method in methods:
         scores = []
@@ -119,3 +104,35 @@ def select_auto(
         }
     best = min(methods, key=lambda m: table[m]["mean_nll"])  # min keeps the first on ties
     return best, table
+
+
+def _check_candidates(methods: Sequence[str], labels: np.ndarray, folds: int) -> None:
+    """Check :func:`select_auto`'s methods and fold count against checked ``labels``.
+
+    Raises:
+        PipelineError: No method, an unknown method, or ``folds`` outside
+            ``[2, size of the largest class]``.
+    """
+    if not methods:
+        raise PipelineError("calibration auto-selection needs at least one method")
+    unknown = [m for m in methods if m not in Calibrator.registry]
+    if unknown:
+        allowed = ", ".join(sorted(Calibrator.registry))
+        raise PipelineError(f"unknown calibration methods {unknown} (known: {allowed})")
+    largest_class = int(np.bincount(labels).max())
+    if not 2 <= folds <= largest_class:
+        raise PipelineError(
+            f"calibration folds={folds} must lie in [2, {largest_class}] "
+            "(the size of the largest validation class)"
+        )
+
+
+def _stratified_folds(
+    logits: np.ndarray, labels: np.ndarray, folds: int, seed: int
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``(train_idx, test_idx)`` of each fold: stratified by label, shuffled with ``seed``."""
+    splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    with warnings.catch_warnings():
+        # Small (smoke) validation splits have classes rarer than `folds`; that is fine here.
+        warnings.filterwarnings("ignore", message="The least populated class", category=UserWarning)
+        return list(splitter.split(logits, labels))
