@@ -9,10 +9,7 @@ gives every row logits from weights fitted on the other folds, so a later fit on
 from __future__ import annotations
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
-from pipeline.calibration import _lbfgs
 from pipeline.errors import PipelineError
 
 
@@ -42,6 +39,12 @@ def blended(weights: np.ndarray, parts: np.ndarray) -> np.ndarray:
 
 def fit_weights(parts: np.ndarray, labels: np.ndarray, max_iter: int) -> np.ndarray:
     """The weights (M,) minimising the NLL of ``softmax(sum_m w_m z_m)`` (L-BFGS, float64)."""
+    # torch loads only to fit: importing the blend stage for its params section stays light
+    import torch
+    import torch.nn.functional as F
+
+    from pipeline.calibration import _lbfgs
+
     z = torch.tensor(parts, dtype=torch.float64)
     y = torch.tensor(labels, dtype=torch.long)
     w = torch.ones(len(parts), dtype=torch.float64, requires_grad=True)

@@ -2,10 +2,10 @@
 
 Reads the predictions of the models listed in ``blend.models`` (the predictions contract
 of :mod:`pipeline.predictions`; default the encoder and the linear bag model) and fits one
-weight per model, ``logits = sum_m w_m * z_m``, by minimising the validation NLL. The
-models are trained apart and on different scales (SVM margins are about +-1, the
-encoder's logits tens), so a convex fit of a handful of weights decides how much each
-counts; it never reads test rows to fit.
+weight per model, ``logits = sum_m w_m * z_m``, by minimising the validation NLL
+(:mod:`pipeline.blending`). The models are trained apart and their logits have different
+scales (SVM margins, encoder logits), so a convex fit of a handful of weights decides how
+much each counts; it never reads test rows to fit.
 
 Validation rows are cross-fitted: the rows of fold f get weights fitted on the other
 folds, so ``calibrate`` (which fits on validation) never sees rows that chose the blend's
@@ -72,7 +72,11 @@ class BlendParams(Section):
 
 
 def run(params: BlendParams, seed: int) -> tuple[dict, pd.DataFrame, dict]:
-    """(saved model state, predictions table, report) of the blend."""
+    """Fit the blend on the models' validation logits and blend validation and test.
+
+    Returns:
+        The saved state (models, weights), the predictions table and the stage report.
+    """
     docs = read_documents()
     tables = {m: load_predictions(m, docs) for m in params.models}
     arrays = {m: {s: split_arrays(t, s) for s in ("validation", "test")} for m, t in tables.items()}

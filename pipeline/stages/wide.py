@@ -5,15 +5,14 @@ raw text of ``data/raw/documents.parquet`` (for the words and character n-grams)
 :class:`pipeline.wide_model.WideModel` (sublinear TF-IDF per block with the IDF of the
 train split, then a one-vs-rest LinearSVC) on the train split, and predicts validation
 with it: those held-out rows are what ``blend`` and ``calibrate`` fit on. With
-``wide.refit`` (default) the LinearSVC is then refitted on train + validation, 10% more
-labelled posts, and that model predicts test and is saved (and served), as a model chosen
-on validation is refitted on all its data; the features (vocabularies, IDF) stay train's.
-It memorises rare, telling tokens and words (senders, organisations, product names) that
-a small encoder learns slowly, and it takes a few minutes at most: changing its params
-never retrains the encoder.
+``wide.refit`` the LinearSVC is then refitted on train + validation, and that model
+predicts test and is saved (and served), as a model chosen on validation is refitted on
+all its data; the features (vocabularies, IDF) stay train's. It memorises rare, telling
+tokens and words (senders, organisations, product names) that a small encoder learns
+slowly; changing its params never retrains the encoder.
 
-Logits are the SVM's margins (about +-1, far from calibrated: ``calibrate`` and ``blend``
-rescale them). Outputs: ``data/models/wide/`` (IDF, weights, config, vocabularies; no
+Logits are the SVM's margins, far from calibrated: ``calibrate`` and ``blend`` rescale
+them. Outputs: ``data/models/wide/`` (IDF, weights, config, vocabularies; no
 pickle), ``data/predictions/wide/predictions.parquet`` (the predictions contract) and
 ``reports/wide.json``.
 """
