@@ -1,16 +1,16 @@
 """The served model's pip requirements, derived from what serving really imports.
 
-A hand-written list drifts: it asked for Lightning, pandera and torchmetrics, which serving
-only reached through shared modules, and it would miss a package serving starts to import.
-Instead, a clean interpreter loads the served model the way MLflow does
+A clean interpreter loads the served model the way MLflow does
 (:mod:`pipeline.served_model`, ``load_context`` on the artifacts, one prediction), every
 third-party module it imported is mapped to the distribution that installed it, and each
-distribution is pinned to its version in ``requirements.lock``.
+distribution is pinned to its version in ``requirements.lock``. Deriving the list keeps it
+from drifting away from what serving needs.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -69,8 +69,6 @@ def served_modules(artifacts: Mapping[str, str] | None = None) -> dict[str, str 
 def _env() -> dict[str, str]:
     """This environment, with the project first on the path (the probe imports ``pipeline``
     from this checkout, as the served model's code_paths will)."""
-    import os
-
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
     return env
@@ -78,6 +76,7 @@ def _env() -> dict[str, str]:
 
 @cache
 def _files_of(dist: str) -> frozenset[str]:
+    """The files a distribution installed, as recorded in its metadata."""
     return frozenset(str(f) for f in distribution(dist).files or ())
 
 

@@ -37,6 +37,9 @@ from typing import TYPE_CHECKING, Any
 import mlflow.pyfunc
 import numpy as np
 import pandas as pd
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+from mlflow.types.schema import AnyType, ColSpec, Schema
 
 from pipeline.domain import GROUPS, special_token_mismatch
 from pipeline.errors import PipelineError
@@ -166,6 +169,7 @@ class Scorer:
     @classmethod
     def load(cls, files: ServedFiles, config: dict) -> Scorer:
         """Rebuild the scorer from the files the pipeline stages wrote."""
+        # torch, scikit-learn and tokenizers load only when a model does
         from tokenizers import Tokenizer
 
         from pipeline.calibration import Calibrator
@@ -231,6 +235,7 @@ class Scorer:
     def encoder_logits(self, tokens: list[np.ndarray]) -> np.ndarray:
         """The ``transformer`` model's float64 logits, batched like ``finetune`` predicts
         and computed by the same loop."""
+        # torch loads only when a model does
         from pipeline.encoder.collate import Example
         from pipeline.encoder.inference import predict_logits
 
@@ -277,7 +282,7 @@ def input_example() -> pd.DataFrame:
     return pd.DataFrame({TEXT_COLUMN: pd.Series(list(EXAMPLE_TEXTS), dtype=object)})
 
 
-def input_signature():  # -> mlflow.types.Schema
+def input_signature() -> Schema:
     """The served input schema: a ``text`` column of type *any*, checked by the model.
 
     Declaring it ``string`` would let MLflow's JSON parser cast before the model sees the
@@ -285,8 +290,6 @@ def input_signature():  # -> mlflow.types.Schema
     input format reaches :func:`validate_texts` as sent, which answers 400 for them. It is
     not ``required`` for the same reason: a missing column gets our one-line message.
     """
-    from mlflow.types.schema import AnyType, ColSpec, Schema
-
     return Schema([ColSpec(AnyType(), TEXT_COLUMN, required=False)])
 
 
@@ -305,12 +308,10 @@ def as_frame(model_input: Any) -> Any:
     return model_input
 
 
-def bad_input(message: str):  # -> MlflowException
+def bad_input(message: str) -> MlflowException:
     """An HTTP 400 whose body is our one line: MLflow's scoring server prefixes the message
     of any exception from ``predict`` with the whole input (``Failed to predict data
     '...'``), which repeats the request back and spreads it over several lines."""
-    from mlflow.exceptions import MlflowException
-    from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
     class BadInput(MlflowException):
         @property

@@ -29,13 +29,17 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import scipy.sparse as sp
+from safetensors.numpy import load_file, save_file
 
 from pipeline.bag import count_matrix, tfidf
 from pipeline.errors import PipelineError
+
+if TYPE_CHECKING:
+    from sklearn.feature_extraction.text import CountVectorizer
 
 WEIGHTS_FILE = "wide.safetensors"
 CONFIG_FILE = "config.json"
@@ -46,8 +50,11 @@ TEXT_BLOCKS = {  # block -> CountVectorizer analyzer settings, the same at fit a
 }
 
 
-def _vectorizer(block: str, min_df: int = 1, vocabulary: Sequence[str] | None = None):
+def _vectorizer(
+    block: str, min_df: int = 1, vocabulary: Sequence[str] | None = None
+) -> CountVectorizer:
     """The one analyzer of a text block (a CountVectorizer; lowercased raw text)."""
+    # scikit-learn loads on first use: importing the wide stage for its params stays light
     from sklearn.feature_extraction.text import CountVectorizer
 
     return CountVectorizer(
@@ -61,6 +68,7 @@ def _vectorizer(block: str, min_df: int = 1, vocabulary: Sequence[str] | None = 
 
 def _join(blocks: list[sp.csr_matrix]) -> sp.csr_matrix:
     """Side by side, rows L2-normalised again so each block weighs the same."""
+    # scikit-learn loads on first use: importing the wide stage for its params stays light
     from sklearn.preprocessing import normalize
 
     if len(blocks) == 1:
@@ -132,6 +140,7 @@ class WideModel:
     ) -> tuple[WideModel, dict[str, object]]:
         """This model's features with a one-vs-rest LinearSVC fitted on ``features`` (rows
         of :meth:`features`, one per label). Returns (new model, fit info)."""
+        # scikit-learn loads on first use: importing the wide stage for its params stays light
         from sklearn.exceptions import ConvergenceWarning
         from sklearn.svm import LinearSVC
 
@@ -154,7 +163,7 @@ class WideModel:
     @functools.cached_property
     def _weightings(self) -> list[tuple[Any, Any]]:
         """(vectorizer or None for the token block, TF-IDF) per block, built once: indexing a
-        vocabulary of 10^5 n-grams takes a noticeable part of a second, per call otherwise."""
+        large n-gram vocabulary is slow, so it is not redone per call."""
         n_tokens = self.vocab_size + self.bigram_buckets
         found = [(None, tfidf(self.idf[:n_tokens]))]
         start = n_tokens
@@ -184,8 +193,7 @@ class WideModel:
         return np.asarray(features @ self.coef.T.astype(np.float64)) + self.intercept
 
     def save(self, directory: Path) -> None:
-        from safetensors.numpy import save_file
-
+        """Write the weights (safetensors), config and vocabularies (JSON) to ``directory``."""
         directory.mkdir(parents=True, exist_ok=True)
         arrays = {"idf": self.idf, "coef": self.coef, "intercept": self.intercept}
         # C order: safetensors writes the raw buffer, and liblinear's coef_ is Fortran-ordered
@@ -212,8 +220,11 @@ class WideModel:
 
     @classmethod
     def load(cls, directory: Path) -> WideModel:
-        from safetensors.numpy import load_file
+        """The model :meth:`save` wrote to ``directory``.
 
+        Raises:
+            PipelineError: The folder is missing, incomplete or not a wide model.
+        """
         try:
             config = json.loads((directory / CONFIG_FILE).read_text("utf-8"))
             stored = json.loads((directory / VOCABULARIES_FILE).read_text("utf-8"))

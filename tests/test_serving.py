@@ -639,7 +639,7 @@ def test_register_checks_its_inputs_first(project: Path, tmp_path: Path) -> None
     from dataclasses import replace
 
     from pipeline.errors import PipelineError
-    from pipeline.stages.register import check_inputs, served_metrics
+    from pipeline.registry import check_inputs, served_metrics
 
     with pytest.raises(PipelineError, match="tokenizer.json: not found"):
         check_inputs(replace(files(project), tokenizer=tmp_path / "tokenizer.json"))
@@ -653,8 +653,13 @@ def test_register_checks_its_inputs_first(project: Path, tmp_path: Path) -> None
 
 
 def test_registered_names_keep_toy_runs_off_the_production_name() -> None:
-    from pipeline.stages.register import registered_name
+    from pipeline.registry import registered_name
 
-    assert registered_name(default_section("register"), "default") == "newsgroups-classifier"
+    production = default_section("register")
+    name = registered_name(production.model_name, production.production, "default")
+    assert name == "newsgroups-classifier"
     smoke = default_section("register", production=False)
-    assert registered_name(smoke, "smoke") == "newsgroups-classifier-smoke"
+    assert (
+        registered_name(smoke.model_name, smoke.production, "smoke")
+        == "newsgroups-classifier-smoke"
+    )

@@ -11,10 +11,10 @@ import yaml
 from sklearn.svm import LinearSVC
 
 from pipeline.bag import bag_features, count_matrix
+from pipeline.blending import blended, cross_fit, fit_weights, fold_ids
 from pipeline.domain import LOGIT_COLUMNS
 from pipeline.errors import PipelineError
 from pipeline.predictions import make_table
-from pipeline.stages.blend import blended, cross_fit, fit_weights, fold_ids
 from pipeline.wide_model import WideModel
 from tests.helpers import ROOT, assert_failed_cleanly, params_with, run_stage, stage_files
 

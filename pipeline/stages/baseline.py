@@ -2,8 +2,7 @@
 
 Fitted on the train split of ``data/raw/documents.parquet`` only (the vectoriser's
 vocabulary and idf too); the validation split is predicted for ``calibrate`` and the test
-split for ``evaluate``. With headers kept, ``sublinear_tf``, ``min_df=2`` and ``C=10`` it
-reaches about 85% test accuracy on the full data.
+split for ``evaluate``.
 
 Logits are the multinomial model's decision function ``X @ coef.T + intercept``, whose
 softmax is exactly ``predict_proba``, so calibration and evaluation treat this model like
@@ -18,7 +17,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -38,6 +37,10 @@ from pipeline.predictions import (
 )
 from pipeline.schemas import Documents, Predictions, validate
 from pipeline.tracking import StageRun
+
+if TYPE_CHECKING:
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
 
 MODEL = "baseline"
 
@@ -65,8 +68,18 @@ class BaselineParams(Section):
     tol: float = Field(gt=0.0, description="Solver stopping tolerance.")
 
 
-def fit(texts: list[str], labels: np.ndarray, params: BaselineParams, seed: int):
-    """Fit the vectoriser and the classifier on train texts; returns (vectoriser, model, info)."""
+def fit(
+    texts: list[str], labels: np.ndarray, params: BaselineParams, seed: int
+) -> tuple[TfidfVectorizer, LogisticRegression, dict[str, Any]]:
+    """Fit the vectoriser and the classifier on train texts.
+
+    Returns:
+        The vectoriser, the classifier and fit info (features, iterations, converged).
+
+    Raises:
+        PipelineError: TF-IDF leaves no terms (e.g. ``min_df`` above every term's count).
+    """
+    # scikit-learn loads only to fit: importing the stage for its params stays light
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import LogisticRegression
@@ -103,8 +116,10 @@ def fit(texts: list[str], labels: np.ndarray, params: BaselineParams, seed: int)
     return vectorizer, model, info
 
 
-def logits_for(vectorizer, model, texts: list[str]) -> np.ndarray:
-    """Logits over all 20 classes (zero-filled columns would be wrong: every class is fitted)."""
+def logits_for(
+    vectorizer: TfidfVectorizer, model: LogisticRegression, texts: list[str]
+) -> np.ndarray:
+    """Float64 logits (n, K) of ``texts``: the classifier's decision function."""
     z = np.asarray(model.decision_function(vectorizer.transform(texts)), dtype=np.float64)
     return z
 

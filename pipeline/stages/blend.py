@@ -2,10 +2,10 @@
 
 Reads the predictions of the models listed in ``blend.models`` (the predictions contract
 of :mod:`pipeline.predictions`; default the encoder and the linear bag model) and fits one
-weight per model, ``logits = sum_m w_m * z_m``, by minimising the validation NLL. The
-models are trained apart and on different scales (SVM margins are about +-1, the
-encoder's logits tens), so a convex fit of a handful of weights decides how much each
-counts; it never reads test rows to fit.
+weight per model, ``logits = sum_m w_m * z_m``, by minimising the validation NLL
+(:mod:`pipeline.blending`). The models are trained apart and their logits have different
+scales (SVM margins, encoder logits), so a convex fit of a handful of weights decides how
+much each counts; it never reads test rows to fit.
 
 Validation rows are cross-fitted: the rows of fold f get weights fitted on the other
 folds, so ``calibrate`` (which fits on validation) never sees rows that chose the blend's
@@ -23,8 +23,9 @@ import pandas as pd
 from pydantic import Field, field_validator
 
 from pipeline import paths
+from pipeline.blending import blended, cross_fit, fit_weights
 from pipeline.config import Section, load_section, load_seed
-from pipeline.errors import PipelineError, run_stage
+from pipeline.errors import run_stage
 from pipeline.io import write_json
 from pipeline.predictions import (
     MODEL_NAME,
@@ -70,55 +71,12 @@ class BlendParams(Section):
         return models
 
 
-def fold_ids(labels: np.ndarray, folds: int, seed: int) -> np.ndarray:
-    """A seeded fold number per row, stratified by label: rows are dealt round-robin to
-    the folds class by class in a random order, so every fold gets its share of each class
-    and fold sizes differ by at most one (also when a class has fewer rows than folds)."""
-    if len(labels) < folds:
-        raise PipelineError(f"blend: {len(labels)} validation rows cannot fill {folds} folds")
-    order = np.random.default_rng(seed).permutation(len(labels))
-    order = order[np.argsort(labels[order], kind="stable")]
-    ids = np.empty(len(labels), dtype=np.int64)
-    ids[order] = np.arange(len(labels)) % folds
-    return ids
-
-
-def blended(weights: np.ndarray, parts: np.ndarray) -> np.ndarray:
-    """``sum_m w_m * parts[m]`` for parts of shape (M, n, K)."""
-    return np.einsum("m,mnk->nk", np.asarray(weights, dtype=np.float64), parts)
-
-
-def fit_weights(parts: np.ndarray, labels: np.ndarray, max_iter: int) -> np.ndarray:
-    """The weights (M,) minimising the NLL of ``softmax(sum_m w_m z_m)`` (L-BFGS, float64)."""
-    import torch
-    import torch.nn.functional as F
-
-    from pipeline.calibration import _lbfgs
-
-    z = torch.tensor(parts, dtype=torch.float64)
-    y = torch.tensor(labels, dtype=torch.long)
-    w = torch.ones(len(parts), dtype=torch.float64, requires_grad=True)
-    _lbfgs([w], lambda: F.cross_entropy(torch.einsum("m,mnk->nk", w, z), y), max_iter)
-    return w.detach().numpy().copy()
-
-
-def cross_fit(
-    parts: np.ndarray, labels: np.ndarray, folds: int, seed: int, max_iter: int
-) -> tuple[np.ndarray, list[list[float]]]:
-    """Out-of-fold blend logits for the validation rows, and each fold's weights."""
-    fold = fold_ids(labels, folds, seed)
-    out = np.empty(parts.shape[1:], dtype=np.float64)
-    per_fold = []
-    for f in range(folds):
-        held = fold == f
-        w = fit_weights(parts[:, ~held], labels[~held], max_iter)
-        out[held] = blended(w, parts[:, held])
-        per_fold.append([round(float(v), 6) for v in w])
-    return out, per_fold
-
-
 def run(params: BlendParams, seed: int) -> tuple[dict, pd.DataFrame, dict]:
-    """(saved model state, predictions table, report) of the blend."""
+    """Fit the blend on the models' validation logits and blend validation and test.
+
+    Returns:
+        The saved state (models, weights), the predictions table and the stage report.
+    """
     docs = read_documents()
     tables = {m: load_predictions(m, docs) for m in params.models}
     arrays = {m: {s: split_arrays(t, s) for s in ("validation", "test")} for m, t in tables.items()}

@@ -18,10 +18,11 @@ from __future__ import annotations
 import sys
 from typing import Any, Literal
 
+import numpy as np
 from pydantic import Field, field_validator
 
 from pipeline import paths
-from pipeline.calibration import fit_calibrator, select_auto, softmax
+from pipeline.calibration import Calibrator, fit_calibrator, select_auto, softmax
 from pipeline.config import Section, load_section, load_seed
 from pipeline.errors import PipelineError, run_stage
 from pipeline.io import atomic_outputs, write_json
@@ -108,13 +109,14 @@ class CalibrateParams(Section):
         return models
 
     def opts(self, method: str) -> dict[str, Any]:
+        """The options of ``method`` (none for a method without a section)."""
         section = getattr(self.options, method, None)
         return section.model_dump() if section is not None else {}
 
 
 def calibrate_model(
-    logits, labels, params: CalibrateParams, seed: int
-) -> tuple[Any, dict[str, Any]]:
+    logits: np.ndarray, labels: np.ndarray, params: CalibrateParams, seed: int
+) -> tuple[Calibrator, dict[str, Any]]:
     """Fit the configured calibrator on validation logits; returns (calibrator, report)."""
     report: dict[str, Any] = {"method": params.method}
     method = params.method

@@ -5,15 +5,14 @@ raw text of ``data/raw/documents.parquet`` (for the words and character n-grams)
 :class:`pipeline.wide_model.WideModel` (sublinear TF-IDF per block with the IDF of the
 train split, then a one-vs-rest LinearSVC) on the train split, and predicts validation
 with it: those held-out rows are what ``blend`` and ``calibrate`` fit on. With
-``wide.refit`` (default) the LinearSVC is then refitted on train + validation, 10% more
-labelled posts, and that model predicts test and is saved (and served), as a model chosen
-on validation is refitted on all its data; the features (vocabularies, IDF) stay train's.
-It memorises rare, telling tokens and words (senders, organisations, product names) that
-a small encoder learns slowly, and it takes a few minutes at most: changing its params
-never retrains the encoder.
+``wide.refit`` the LinearSVC is then refitted on train + validation, and that model
+predicts test and is saved (and served), as a model chosen on validation is refitted on
+all its data; the features (vocabularies, IDF) stay train's. It memorises rare, telling
+tokens and words (senders, organisations, product names) that a small encoder learns
+slowly; changing its params never retrains the encoder.
 
-Logits are the SVM's margins (about +-1, far from calibrated: ``calibrate`` and ``blend``
-rescale them). Outputs: ``data/models/wide/`` (IDF, weights, config, vocabularies; no
+Logits are the SVM's margins, far from calibrated: ``calibrate`` and ``blend`` rescale
+them. Outputs: ``data/models/wide/`` (IDF, weights, config, vocabularies; no
 pickle), ``data/predictions/wide/predictions.parquet`` (the predictions contract) and
 ``reports/wide.json``.
 """
@@ -22,6 +21,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -80,15 +80,47 @@ def read_texts(path: Path = paths.DOCUMENTS) -> dict[str, str]:
     return dict(zip(docs["id"], docs["text"], strict=True))
 
 
+def refit(
+    model: WideModel,
+    features: tuple[sp.csr_matrix, sp.csr_matrix],
+    labels: tuple[np.ndarray, np.ndarray],
+    svm: dict[str, Any],
+) -> tuple[WideModel, dict[str, Any]]:
+    """Refit the LinearSVC of ``model`` on the rows of train and validation (features fixed).
+
+    Args:
+        model: The model fitted on train.
+        features: The train and validation feature rows.
+        labels: Their labels.
+        svm: LinearSVC settings (``C``, ``max_iter``, ``seed``).
+
+    Returns:
+        The refitted model, and its fit info under ``refit_*`` keys.
+    """
+    start = time.perf_counter()
+    rows = sp.vstack(list(features), format="csr")
+    y = np.concatenate(list(labels))
+    model, info = model.fit_classifier(rows, y, len(GROUPS), **svm)
+    return model, {
+        "refit_documents": rows.shape[0],
+        **{f"refit_{k}": v for k, v in info.items()},
+        "refit_seconds": round(time.perf_counter() - start, 1),
+    }
+
+
 def run(
     params: WideParams,
     seed: int,
     tokenized: Path = paths.TOKENIZED,
     tokenizer: Path = paths.TOKENIZER,
     documents: Path = paths.DOCUMENTS,
-):
+) -> tuple[WideModel, pd.DataFrame, dict[str, Any]]:
     """Fit on train and predict validation; with ``params.refit``, refit the LinearSVC on
-    train + validation; predict test with the model kept. (model, predictions, report)."""
+    train + validation; predict test with the model kept.
+
+    Returns:
+        The model kept, the predictions table and the stage report.
+    """
     vocab_size = load_vocab_size(tokenizer)
     splits = load_splits(tokenized, vocab_size, len(GROUPS))
     text = read_texts(documents)
@@ -111,15 +143,8 @@ def run(
     x_val = model.features(*inputs("validation"))
     parts = {"validation": model.score(x_val)}  # held out: what blend and calibrate fit on
     if params.refit:
-        start = time.perf_counter()
-        rows = sp.vstack([x_train, x_val], format="csr")
-        labels = np.concatenate([train.labels, val.labels])
-        model, refit_info = model.fit_classifier(rows, labels, len(GROUPS), **svm)
-        info |= {
-            "refit_documents": rows.shape[0],
-            **{f"refit_{k}": v for k, v in refit_info.items()},
-            "refit_seconds": round(time.perf_counter() - start, 1),
-        }
+        model, refit_info = refit(model, (x_train, x_val), (train.labels, val.labels), svm)
+        info |= refit_info
     parts["test"] = model.logits(*inputs("test"))
     table = pd.concat(
         [

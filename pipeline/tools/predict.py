@@ -21,12 +21,15 @@ import json
 import os
 from pathlib import Path
 
+import mlflow.pyfunc
 import pandas as pd
+from mlflow.exceptions import MlflowException
 
 from pipeline import paths
 from pipeline.errors import PipelineError, first_line, run_stage
 from pipeline.io import atomic_outputs
 from pipeline.serving import TEXT_COLUMN, validate_texts
+from pipeline.tracking import resolve_uri
 
 INPUT_SUFFIXES = (".csv", ".jsonl", ".txt")
 OUTPUT_SUFFIXES = (".csv", ".jsonl")
@@ -72,14 +75,9 @@ def default_model() -> str:
     return report["model_uri"]
 
 
-def load_model(uri: str, tracking_uri: str | None):  # -> mlflow.pyfunc.PyFuncModel
+def load_model(uri: str, tracking_uri: str | None) -> mlflow.pyfunc.PyFuncModel:
     """Load a pyfunc model; a missing or unreadable model is one clear line."""
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
-    from pipeline.tracking import resolve_uri
-
     if Path(uri).exists():
         uri = str(Path(uri).resolve())
     else:
@@ -90,10 +88,8 @@ def load_model(uri: str, tracking_uri: str | None):  # -> mlflow.pyfunc.PyFuncMo
         raise PipelineError(f"cannot load model {uri}: {first_line(exc)}") from None
 
 
-def score(model, frame: pd.DataFrame) -> pd.DataFrame:  # model: PyFuncModel
+def score(model: mlflow.pyfunc.PyFuncModel, frame: pd.DataFrame) -> pd.DataFrame:
     """Predictions next to the input's other columns (the text itself is left out)."""
-    from mlflow.exceptions import MlflowException
-
     try:
         preds = model.predict(frame[[TEXT_COLUMN]])
     except MlflowException as exc:

@@ -6,9 +6,9 @@ pre-fills its filter. This prints that URL, filtered to the ``evaluate`` runs (o
 model with ``test_accuracy``, ``test_ece``, ``test_nll``), and the same page in chart mode
 (``compareRunsMode=CHART``: one bar chart per metric, a bar per model, no column to pick:
 the table shows metric columns only once they are added with *Columns*), then runs
-``mlflow ui``. A port
-that is taken is one ``error:`` line and exit 1 (``mlflow ui`` itself exits 0 there); a
-tracking server (``MLFLOW_TRACKING_URI=http...``) is not served again: its URL is printed.
+``mlflow ui``. A port that is taken is one ``error:`` line and exit 1 (``mlflow ui``
+itself exits 0 there); a tracking server (``MLFLOW_TRACKING_URI=http...``) is not served
+again: its URL is printed.
 
     python -m pipeline.tools.ui --port 5001
 """
@@ -56,6 +56,7 @@ def check_port(host: str, port: int) -> None:
 
 def experiment_id(uri: str, name: str) -> str | None:
     """The experiment's id in the store (None when no stage has logged there yet)."""
+    # mlflow loads only when a store is read: a taken port is reported without it
     from mlflow import MlflowClient
 
     try:
@@ -84,8 +85,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"MLflow UI on {uri}")
     print(f"runs: {runs_table_url(base, exp)}")
     print(f"charts: {runs_table_url(base, exp, charts=True)}", flush=True)
-    # Browsing runs needs no job runner: without it the UI starts in seconds, not minutes
-    # (MLflow 3.17 otherwise starts a dozen task-queue consumers beside the web server).
+    # Browsing runs needs no job runner; without one the UI starts much faster (MLflow
+    # otherwise starts task-queue consumers beside the web server).
     os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--workers", "1"]
     os.execv(sys.executable, [*cmd, "--host", args.host, "--port", str(args.port)])

@@ -22,12 +22,12 @@ import numpy as np
 from bench_pretraining import mcnemar_exact, paired_bootstrap  # the sibling script
 
 from pipeline import paths
+from pipeline.blending import blended
 from pipeline.calibration import Calibrator
 from pipeline.config import load_section, load_seed
 from pipeline.io import write_json
 from pipeline.metrics import accuracy, ece, nll
 from pipeline.predictions import load_predictions, read_documents, split_arrays
-from pipeline.stages.blend import blended
 from pipeline.stages.wide import WideParams, run
 
 OUT = Path("reports/bench/refit.json")
