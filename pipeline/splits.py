@@ -1,5 +1,7 @@
-"""Validation splits: carve the validation split out of the train split of the documents
-table, by whole threads (optionally with their authors), by newest posts or at random.
+"""Validation splits: carve the validation split out of the documents table's train split.
+
+Schemes (``data.validation``): whole threads, optionally with their authors (``thread``),
+each group's newest posts (``latest``), or a seeded random share (``random``).
 """
 
 from __future__ import annotations

@@ -1,5 +1,8 @@
-"""The documents table from a source's raw posts (strip, split, subsample, order) and the
-report on it (counts, thread and author overlap with train, content digests).
+"""The documents table built from a source's raw posts, and the report on it.
+
+:func:`build_table` strips, splits, subsamples and orders the posts; :func:`make_report`
+counts them per split and class, measures thread and author overlap with train and
+digests the content.
 """
 
 from __future__ import annotations
