@@ -72,12 +72,38 @@ def download(
     except OSError as exc:
         raise PipelineError(f"{url}: cannot create {dest.parent}: {exc}") from exc
 
-    attempts = max(1, retries)
+    _fetch_part(url, part, max(1, retries), timeout, backoff, progress, chunk_size, dest.name)
+    actual = sha256_file(part)
+    if actual != expected:
+        part.unlink(missing_ok=True)
+        raise PipelineError(
+            f"{url}: checksum mismatch: expected sha256 {expected}, got {actual} "
+            "(the partial download was deleted; retry)"
+        )
+    os.replace(part, dest)
+    return dest
+
+
+def _fetch_part(
+    url: str,
+    part: Path,
+    attempts: int,
+    timeout: float,
+    backoff: float,
+    progress: bool,
+    chunk_size: int,
+    desc: str,
+) -> None:
+    """Complete ``part`` in up to ``attempts`` attempts, backing off as :func:`download` says.
+
+    Raises:
+        PipelineError: an attempt failed in a way no retry fixes, or every attempt failed.
+    """
     last_error = "no attempt was made"
     with requests.Session() as session:
         for attempt in range(attempts):
             try:
-                _attempt(session, url, part, timeout, progress, chunk_size, dest.name)
+                _attempt(session, url, part, timeout, progress, chunk_size, desc)
                 break
             except _RETRYABLE_EXCEPTIONS as exc:
                 last_error = _describe(exc)
@@ -94,16 +120,6 @@ def download(
                 f"could not download {url} after {attempts} attempt{'s' * (attempts > 1)}: "
                 f"{last_error}. {OFFLINE_HINT}"
             )
-
-    actual = sha256_file(part)
-    if actual != expected:
-        part.unlink(missing_ok=True)
-        raise PipelineError(
-            f"{url}: checksum mismatch: expected sha256 {expected}, got {actual} "
-            "(the partial download was deleted; retry)"
-        )
-    os.replace(part, dest)
-    return dest
 
 
 def _attempt(

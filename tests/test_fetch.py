@@ -1,4 +1,4 @@
-"""Unit tests of the fetch stage's pure parts: parsing, stripping, splitting, safety."""
+"""Unit tests of the fetch stage's libraries: parsing, stripping, splitting, safety."""
 
 from __future__ import annotations
 
@@ -13,29 +13,28 @@ import pytest
 from pipeline.domain import FULL_SPLIT_SIZES, GROUPS
 from pipeline.errors import PipelineError
 from pipeline.schemas import Documents, validate
-from pipeline.stages import fetch
-from pipeline.stages.fetch import (
+from pipeline.sources import bydate
+from pipeline.sources.bydate import (
     Source,
-    assign_validation,
-    assign_validation_by_thread,
-    assign_validation_latest,
     author_of,
-    author_thread_groups,
-    build_table,
-    check_groups,
     check_post,
-    content_digest,
-    make_report,
     normalise_subject,
-    overlap_with_train,
     parse_archive,
-    pick_threads,
     resolve_source,
     strip_texts,
     subject_of,
-    subsample,
     thread_keys,
     verify_archive,
+)
+from pipeline.sources.documents import build_table, content_digest, make_report, subsample
+from pipeline.splits import (
+    assign_validation,
+    assign_validation_by_thread,
+    assign_validation_latest,
+    author_thread_groups,
+    check_groups,
+    overlap_with_train,
+    pick_threads,
 )
 from tests.helpers import build_archive, default_section, make_post
 
@@ -177,7 +176,7 @@ def test_absurd_member_size_is_rejected(tmp_path: Path, monkeypatch: pytest.Monk
     info = tarfile.TarInfo("20news-bydate/20news-bydate-train/sci.med/99999")
     info.size = 4096
     path = _archive_with(tmp_path, info)
-    monkeypatch.setattr(fetch, "MAX_MEMBER_BYTES", 2048)  # real posts here are < 1 KB
+    monkeypatch.setattr(bydate, "MAX_MEMBER_BYTES", 2048)  # real posts here are < 1 KB
     with pytest.raises(PipelineError, match="4096 bytes .limit 2048."):
         parse_archive(path, progress=False)
 

@@ -36,7 +36,7 @@ from pipeline.serving import (
     validate_texts,
 )
 from pipeline.stages.finetune import run as finetune
-from pipeline.stages.tokenize import train_tokenizer
+from pipeline.tokenization import train_tokenizer
 from tests.helpers import (
     ROOT,
     default_section,

@@ -8,8 +8,8 @@ import pandas as pd
 import pytest
 
 from pipeline.domain import CLS_ID, SEP_ID, SPECIAL_TOKENS, UNK_ID
-from pipeline.stages.fetch import parse_archive
-from pipeline.stages.tokenize import (
+from pipeline.sources.bydate import parse_archive
+from pipeline.tokenization import (
     encode_split,
     split_stats,
     train_tokenizer,

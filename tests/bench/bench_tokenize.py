@@ -19,7 +19,8 @@ import pandas as pd
 from datasets import disable_caching
 from tokenizers import Tokenizer
 
-from pipeline.stages.tokenize import IN_TABLE, OUT_TOKENIZER, encode_split
+from pipeline import paths
+from pipeline.tokenization import encode_split
 
 OUT = Path("reports/bench/tokenize.json")
 
@@ -37,8 +38,8 @@ def best_of(repeats: int, fn) -> float:
 def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")  # read when encoding starts
     disable_caching()
-    docs = pd.read_parquet(IN_TABLE)
-    tok = Tokenizer.from_file(str(OUT_TOKENIZER / "tokenizer.json"))
+    docs = pd.read_parquet(paths.DOCUMENTS)
+    tok = Tokenizer.from_file(str(paths.TOKENIZER_DIR / "tokenizer.json"))
     texts = docs["text"].tolist()
     n = len(texts)
     bare = best_of(3, lambda: tok.encode_batch(texts, add_special_tokens=False))
