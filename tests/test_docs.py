@@ -71,6 +71,19 @@ def test_every_relative_link_and_anchor_resolves() -> None:
     assert not broken_links(doc_files()), "\n".join(broken_links(doc_files()))
 
 
+def test_every_code_path_named_in_the_docs_exists() -> None:
+    """A module or test file named in `backticks` (``pipeline/...``, ``tests/...``,
+    ``conf/...``) exists: moving code updates the docs that name it."""
+    named = {
+        (path.name, span.strip("`"))
+        for path in doc_files()
+        for span in CODE_SPAN.findall(FENCE.sub("", path.read_text(encoding="utf-8")))
+        if re.fullmatch(r"`(pipeline|tests|conf)/[\w./-]*`", span)
+    }
+    missing = sorted(f"{name}: {target}" for name, target in named if not (ROOT / target).exists())
+    assert not missing, "\n".join(missing)
+
+
 def test_every_docs_page_is_linked_from_the_readme() -> None:
     readme = prose((ROOT / "README.md").read_text(encoding="utf-8"))
     linked = {target.partition("#")[0] for target in LINK.findall(readme)}
