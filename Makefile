@@ -69,14 +69,14 @@ gate: $(STAMP)  ## compare reports/metrics.json with main's committed metrics (B
 params: $(STAMP)  ## validate and regenerate params.yaml from conf/ (Hydra overrides: make params O="a=b")
 	$(BIN)/python -m pipeline.config $(O)
 
-params-doc: $(STAMP)  ## regenerate README.md's params table from the section classes and conf/
-	$(BIN)/python -m pipeline.config --write-readme
+params-doc: $(STAMP)  ## regenerate docs/params.md's params table from the section classes and conf/
+	$(BIN)/python -m pipeline.config --write-docs
 
 lint: $(STAMP)
 	$(BIN)/ruff check pipeline tests
 	$(BIN)/ruff format --check pipeline tests
 
-bench: $(STAMP)  ## speed figures (needs the full archive; see README)
+bench: $(STAMP)  ## speed figures (needs the full archive; see docs/results.md)
 	$(BIN)/python tests/bench/bench_tokenize.py
 	$(BIN)/python tests/bench/bench_train.py
 

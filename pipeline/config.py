@@ -8,14 +8,14 @@ it with a pydantic model defined next to the stage that uses it.
 
 Each key is defined once: its meaning is the ``Field(description=...)`` of its section
 class, its value comes from ``conf/`` (section fields have no Python defaults). The
-README's params table is generated from both.
+params table of ``docs/params.md`` is generated from both.
 
 Regenerate ``params.yaml`` (every section is validated first)::
 
     python -m pipeline.config                      # default config
     python -m pipeline.config experiment=smoke     # any Hydra overrides
     python -m pipeline.config --describe           # print the params table (markdown)
-    python -m pipeline.config --write-readme       # refresh README.md's params table
+    python -m pipeline.config --write-docs         # refresh docs/params.md's params table
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from pipeline.errors import PipelineError, first_line
 ROOT = Path(__file__).resolve().parent.parent
 CONF_DIR = ROOT / "conf"
 PARAMS_FILE = Path("params.yaml")
-README_FILE = ROOT / "README.md"
+PARAMS_DOC = ROOT / "docs" / "params.md"
 TABLE_START = "<!-- params-table:start -->"
 TABLE_END = "<!-- params-table:end -->"
 SEED_DESCRIPTION = "Seeds every stage (splits, initial weights, batch order, folds)."
@@ -219,12 +219,18 @@ def params_table(overrides: list[str] | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def readme_with_table(readme: str, table: str) -> str:
-    """``readme`` with the text between the params-table markers replaced by ``table``."""
+def doc_with_table(doc: str, table: str) -> str:
+    """``doc`` with the text between the params-table markers replaced by ``table``.
+
+    Raises:
+        PipelineError: if ``doc`` does not hold exactly one pair of markers.
+    """
     pattern = re.compile(f"{re.escape(TABLE_START)}\n.*?{re.escape(TABLE_END)}", re.DOTALL)
-    if len(pattern.findall(readme)) != 1:
-        raise PipelineError(f"README.md: expected one {TABLE_START} ... {TABLE_END} block")
-    return pattern.sub(lambda _: f"{TABLE_START}\n{table}{TABLE_END}", readme)
+    if len(pattern.findall(doc)) != 1:
+        raise PipelineError(
+            f"{PARAMS_DOC.relative_to(ROOT)}: expected one {TABLE_START} ... {TABLE_END} block"
+        )
+    return pattern.sub(lambda _: f"{TABLE_START}\n{table}{TABLE_END}", doc)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -235,16 +241,16 @@ def main(argv: list[str] | None = None) -> None:
         "--describe", action="store_true", help="print the params table (markdown), write nothing"
     )
     parser.add_argument(
-        "--write-readme", action="store_true", help="replace README.md's params table"
+        "--write-docs", action="store_true", help="replace docs/params.md's params table"
     )
     args = parser.parse_args(argv)
     if args.describe:
         print(params_table(args.overrides), end="")
         return
-    if args.write_readme:
-        readme = README_FILE.read_text(encoding="utf-8")
-        README_FILE.write_text(readme_with_table(readme, params_table()), encoding="utf-8")
-        print(f"wrote the params table of {README_FILE.name}")
+    if args.write_docs:
+        doc = PARAMS_DOC.read_text(encoding="utf-8")
+        PARAMS_DOC.write_text(doc_with_table(doc, params_table()), encoding="utf-8")
+        print(f"wrote the params table of {PARAMS_DOC.relative_to(ROOT)}")
         return
     text = compose(args.overrides)
     validate_params(yaml.safe_load(text), f"{CONF_DIR.name}/: overrides {args.overrides}")

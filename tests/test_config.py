@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,8 @@ from pipeline.stages.fetch import DataParams
 from pipeline.stages.tokenize import TokenizerParams
 from tests.helpers import ROOT
 
-POINTER = "# What each key does: README.md, Configuration > Params (`make params-doc`)."
+# How a conf/ group file's one-line header ends: where its keys are described.
+POINTER = " (keys: docs/params.md)."
 
 
 def test_params_yaml_matches_conf() -> None:
@@ -112,13 +114,18 @@ def test_no_section_field_has_a_python_default() -> None:
     assert not defaulted, f"{defaulted}: put the value in conf/ and make the field required"
 
 
-def test_readme_params_table_is_generated() -> None:
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    expected = config.readme_with_table(readme, config.params_table())
-    assert readme == expected, (
-        "README.md's params table differs from the section descriptions and conf/: run "
-        "`make params-doc` (python -m pipeline.config --write-readme)"
+def test_docs_params_table_is_generated() -> None:
+    doc = (ROOT / "docs" / "params.md").read_text(encoding="utf-8")
+    expected = config.doc_with_table(doc, config.params_table())
+    assert doc == expected, (
+        "docs/params.md's params table differs from the section descriptions and conf/: run "
+        "`make params-doc` (python -m pipeline.config --write-docs)"
     )
+
+
+def test_write_docs_needs_one_table_block() -> None:
+    with pytest.raises(PipelineError, match="expected one"):
+        config.doc_with_table("# Params\n\nno markers\n", "| table |\n")
 
 
 def test_describe_prints_every_param_once(capsys: pytest.CaptureFixture[str]) -> None:
@@ -135,20 +142,33 @@ def test_describe_prints_every_param_once(capsys: pytest.CaptureFixture[str]) ->
     "path", sorted((ROOT / "conf").glob("*/*.yaml")), ids=lambda p: f"{p.parent.name}/{p.name}"
 )
 def test_conf_comments_are_group_headers_only(path: Path) -> None:
-    """Keys are described once, by their Field(description=...), shown in README's table:
-    a conf/ file has a header comment about the group, ending with the pointer to that
-    table, and no comment on single keys."""
-    if path.parent.name == "experiment":  # overrides: their comments say why, not what
-        return
+    """Keys are described once, by their Field(description=...), shown in docs/params.md:
+    a conf/ file has a one-line header saying what the file is (an experiment file after
+    Hydra's ``# @package`` line), a group file ending it with the pointer to that table
+    and with no comment on single keys."""
     lines = path.read_text(encoding="utf-8").splitlines()
     start = next(i for i, line in enumerate(lines) if not line.startswith("#"))
     header, body = lines[:start], lines[start:]
-    assert header and header[-1] == POINTER, f"{path}: the header must end with '{POINTER}'"
+    if path.parent.name == "experiment":  # overrides: comments on keys may say why
+        assert header[0] == "# @package _global_" and len(header) == 2, f"{path}: {header}"
+        return
+    assert len(header) == 1, f"{path}: the header must be one line, not {len(header)}"
+    assert header[0].endswith(POINTER), f"{path}: the header must end with '{POINTER}'"
     commented = [line for line in body if "#" in line]
     assert not commented, (
         f"{path}: per-key comments {commented}: describe the key in its section class's "
-        "Field(description=...) instead (README's table shows it)"
+        "Field(description=...) instead (docs/params.md shows it)"
     )
+
+
+@pytest.mark.parametrize(
+    "path", sorted((ROOT / "conf").rglob("*.yaml")), ids=lambda p: p.relative_to(ROOT).as_posix()
+)
+def test_conf_has_no_measured_figures_or_dates(path: Path) -> None:
+    """Numbers measured on a run live in reports/ and docs/results.md, not in conf/."""
+    pattern = re.compile(r"[0-9]+(\.[0-9]+)? ?%|20[0-9]{2}-[0-9]{2}-[0-9]{2}")
+    found = [line for line in path.read_text(encoding="utf-8").splitlines() if pattern.search(line)]
+    assert not found, f"{path}: {found}"
 
 
 def _params_with(tmp_path: Path, section: str, **values: object) -> Path:

@@ -110,7 +110,8 @@ def test_production_registration_and_a_failed_experiment(smoke) -> None:
     dvc(repo, "checkout")
 
     # A failed experiment leaves the committed reports in place (persist + atomic writes),
-    # and the README's recovery (git checkout params.yaml, dvc checkout) restores the rest.
+    # and the recovery of docs/troubleshooting.md (git checkout params.yaml, dvc checkout)
+    # restores the rest.
     reports = {p: p.read_bytes() for p in (repo / "reports").rglob("*.json") if p.is_file()}
     bad = [*(f"-S={o}" for o in smoke.overrides), "-S=calibrate.method=nope"]
     failed = run([sys.executable, "-m", "dvc", "exp", "run", *bad], repo, check=False)

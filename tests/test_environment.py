@@ -5,7 +5,9 @@ their CUDA build)."""
 from __future__ import annotations
 
 import ast
+import os
 import re
+import subprocess
 import sys
 import tomllib
 from importlib.metadata import packages_distributions
@@ -62,3 +64,24 @@ def test_lock_pins_every_declared_package_and_torch_by_version_only() -> None:
     assert not [p for p in pins if p.startswith("nvidia-") or p == "triton"]
     constraints = (ROOT / "constraints.txt").read_text(encoding="utf-8")
     assert "torch==2.13.0" in constraints.splitlines()
+
+
+def test_a_stage_started_without_the_dependencies_stops_with_one_line() -> None:
+    """`python -m pipeline.stages.<name>` by an interpreter without site-packages (what DVC
+    runs when the venv is not activated): one `error:` line naming it and the fix."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(
+        [sys.executable, "-S", "-m", "pipeline.stages.fetch"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1, result
+    assert result.stdout == ""
+    assert result.stderr == (
+        f"error: {sys.executable} lacks the project's dependencies (no module 'pandas'): "
+        "activate the virtual environment (source .venv/bin/activate) or run through make "
+        "(make repro)\n"
+    )
