@@ -24,6 +24,8 @@ What a run holds, so the UI tells the truth at a glance:
   Stage runs are deliberately not nested under a parent run: MLflow 3.17's runs table
   collapses a filtered list of children into their parent's row.
 
+Run names, tags and MLflow keys are computed by :mod:`pipeline.run_keys`.
+
 Tracking never changes DVC outputs: a stage logs its results only after its outputs are
 in place, and ``tracking`` is not a DVC param of any stage (switching it reruns nothing).
 An unreachable tracking server stops the stage before it does any work.
@@ -33,14 +35,11 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import getpass
-import hashlib
 import logging
 import os
-import re
-import subprocess
-import time
-from collections.abc import Callable, Mapping, Sequence
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -50,9 +49,30 @@ from pipeline import paths
 from pipeline.config import PARAMS_FILE, Section, load_section, read_params
 from pipeline.domain import NAME_PATTERN
 from pipeline.errors import PipelineError, first_line
+from pipeline.run_keys import (
+    finite_metrics,
+    is_rank_zero,
+    mlflow_key,
+    now_ms,
+    pipeline_run_id,
+    project_root,
+    resolve_uri,
+    run_name,
+    scalar_params,
+    source_tags,
+    split_report,
+)
+
+__all__ = [  # resolve_uri and split_report are re-exported for the stages and tools
+    "CurveSink",
+    "StageRun",
+    "TrackingParams",
+    "report_bundle",
+    "resolve_uri",
+    "split_report",
+]
 
 EXPERIMENT = "newsgroups-pipeline"
-PARAM_VALUE_LIMIT = 6000  # MLflow's limit on a param's value
 BATCH = 100  # log_batch takes at most 1000 metrics and 100 params per call
 
 CurveSink = Callable[[Mapping[str, float], int], None]
@@ -73,142 +93,6 @@ class TrackingParams(Section):
         description="Name of the experiment config params.yaml was composed from: in run "
         "names and the registry name of non-production registrations.",
     )
-
-
-def project_root(cwd: Path, env: Mapping[str, str]) -> Path:
-    """The user's project folder, also from inside a `dvc exp run --temp/--queue` copy."""
-    root = Path(env.get("DVC_ROOT") or cwd).resolve()
-    parts = root.parts
-    for i in range(len(parts) - 3):
-        if parts[i : i + 3] == (".dvc", "tmp", "exps"):
-            return Path(*parts[:i])
-    return root
-
-
-def resolve_uri(uri: str | None, env: Mapping[str, str], cwd: Path) -> str:
-    """Tracking URI: environment, then ``uri`` (tracking.uri), then the project's SQLite
-    store. Takes the URI alone so callers without a params file (predict) can use it."""
-    if env.get("MLFLOW_TRACKING_URI"):
-        return env["MLFLOW_TRACKING_URI"]
-    if uri:
-        return uri
-    return f"sqlite:///{project_root(cwd, env) / 'mlflow.db'}"
-
-
-def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested params/metrics as dotted keys, the way the MLflow UI compares them."""
-    flat: dict[str, Any] = {}
-    for key, value in data.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            flat.update(flatten(value, f"{name}."))
-        else:
-            flat[name] = value
-    return flat
-
-
-def mlflow_key(key: str) -> str:
-    """MLflow allows only alphanumerics, ``_ - . : /`` and spaces in names."""
-    return re.sub(r"[^\w\-. :/]", "_", key)
-
-
-def scalar_params(data: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
-    """The scalars of a (nested) mapping as MLflow params; lists and tables are left to
-    the artifacts, values are cut to MLflow's limit."""
-    return {
-        mlflow_key(f"{prefix}{k}"): str(v)[:PARAM_VALUE_LIMIT]
-        for k, v in flatten(data).items()
-        if not isinstance(v, list | tuple)
-    }
-
-
-def split_report(
-    prefix: str,
-    report: Mapping[str, Any],
-    metrics: Mapping[str, str],
-    skip: Sequence[str] = (),
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """A stage report as (headline metrics named ``<prefix>/<name>``, the other scalars for
-    ``report.*`` params). ``metrics`` maps report keys (dotted when nested) to names;
-    ``skip`` drops tables such as ``per_class`` (they stay in the report artifact)."""
-    flat = flatten(report)
-    head = {f"{prefix}/{name}": flat[key] for key, name in metrics.items() if key in flat}
-
-    def kept(key: str) -> bool:
-        return key not in metrics and not any(key == s or key.startswith(f"{s}.") for s in skip)
-
-    return head, {k: v for k, v in flat.items() if kept(k)}
-
-
-def finite_metrics(data: Mapping[str, Any]) -> dict[str, float]:
-    """``name -> float`` for the numbers of ``data`` (bools and None are not metrics)."""
-    return {
-        mlflow_key(k): float(v)
-        for k, v in data.items()
-        if isinstance(v, int | float) and not isinstance(v, bool)
-    }
-
-
-def _git(cwd: Path, *args: str) -> str:
-    proc = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, check=False)
-    return proc.stdout.strip() if proc.returncode == 0 else ""
-
-
-def git_commit(cwd: Path) -> str:
-    return _git(cwd, "rev-parse", "HEAD") or "unknown"
-
-
-def pipeline_run_id(commit: str, params_text: str, exp_name: str) -> str:
-    """Same for every stage of one execution of the pipeline on one commit and config."""
-    return hashlib.sha256(f"{commit}\n{exp_name}\n{params_text}".encode()).hexdigest()[:16]
-
-
-def run_name(stage: str, model: str | None, config: str, exp_name: str) -> str:
-    """``evaluate/blend (smoke, bushy-tins)``: the stage, the model, the experiment config
-    and the DVC experiment, so rows of different runs never read alike."""
-    name = f"{stage}/{model}" if model else stage
-    label = ", ".join(part for part in (config, exp_name) if part)
-    return f"{name} ({label})"
-
-
-def source_tags(stage: str, cwd: Path, env: Mapping[str, str]) -> dict[str, str]:
-    """MLflow's standard source tags (what the fluent API would set), filled explicitly
-    because runs are created with the client, in every process the same way."""
-    from mlflow.utils.mlflow_tags import (
-        MLFLOW_GIT_BRANCH,
-        MLFLOW_GIT_COMMIT,
-        MLFLOW_GIT_REPO_URL,
-        MLFLOW_SOURCE_NAME,
-        MLFLOW_SOURCE_TYPE,
-        MLFLOW_USER,
-    )
-
-    try:
-        user = getpass.getuser()
-    except (KeyError, OSError):  # no passwd entry (some containers)
-        user = env.get("USER", "unknown")
-    tags = {
-        MLFLOW_SOURCE_NAME: f"pipeline/stages/{stage}.py",
-        MLFLOW_SOURCE_TYPE: "JOB" if env.get("CI") else "LOCAL",
-        MLFLOW_GIT_COMMIT: git_commit(cwd),
-        MLFLOW_USER: user,
-    }
-    branch = _git(cwd, "rev-parse", "--abbrev-ref", "HEAD")
-    if branch and branch != "HEAD":
-        tags[MLFLOW_GIT_BRANCH] = branch
-    remote = _git(cwd, "remote", "get-url", "origin")
-    if remote:
-        tags[MLFLOW_GIT_REPO_URL] = remote
-    return tags
-
-
-def is_rank_zero(env: Mapping[str, str]) -> bool:
-    """False in the worker processes of a distributed run (only rank 0 tracks)."""
-    return env.get("RANK", env.get("LOCAL_RANK", "0")) == "0"
-
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 _OPEN: list[StageRun] = []
@@ -262,6 +146,7 @@ class StageRun:
         """Fail now, before any work, when the store cannot be reached."""
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+        # Deferred: mlflow is slow to import, and a stage with tracking off never needs it.
         from mlflow import MlflowClient  # configures its loggers: quieten them after
 
         for name in ("mlflow", "alembic"):  # "Creating initial MLflow database tables..."
@@ -312,6 +197,7 @@ class StageRun:
         ``<prefix>/train_loss`` at step s, timestamped now (None when not tracking)."""
         if not self.enabled or self.run_id is None:
             return None
+        # Deferred: mlflow is slow to import, and a stage with tracking off never needs it.
         from mlflow.entities import Metric
 
         run_id = self.run_id
@@ -373,6 +259,7 @@ class StageRun:
         run_id = self.run_ids[model]
         config = read_params(self.params_path)
         logged = config if all_params else {s: config[s] for s in sections if s in config}
+        # Deferred: mlflow is slow to import, and a stage with tracking off never needs it.
         from mlflow.entities import Metric, Param, RunTag
 
         flat = (
@@ -411,3 +298,37 @@ class StageRun:
         self.run_ids.clear()
         if self in _OPEN:
             _OPEN.remove(self)
+
+
+@contextlib.contextmanager
+def report_bundle(
+    markdown: str, figures: Mapping[str, Path], to_html: Callable[[str, Path], str]
+) -> Iterator[tuple[Path, Path, Path]]:
+    """A report as it renders in MLflow, in a temporary folder, for a run's artifacts.
+
+    The folder holds ``report.md`` (``markdown``), the figures it links under
+    ``figures/`` and ``report.html``, the same report as one page from
+    ``to_html(markdown, folder)`` (MLflow's viewer shows no images in Markdown).
+
+    Args:
+        markdown: The report, linking its figures as ``figures/<path>``.
+        figures: ``<path>`` under ``figures/`` -> the file or folder copied there.
+        to_html: Renders the Markdown as a page, reading the figures it links from the
+            folder given.
+
+    Yields:
+        The Markdown file, the HTML page and the figure folder; all are deleted after.
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        report_file, figure_dir = folder / paths.REPORT_MD.name, folder / paths.FIGURES.name
+        report_file.write_text(markdown, encoding="utf-8")
+        for name, source in figures.items():
+            if source.is_dir():
+                shutil.copytree(source, figure_dir / name)
+            else:
+                (figure_dir / name).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(source, figure_dir / name)
+        page = folder / "report.html"
+        page.write_text(to_html(markdown, folder), encoding="utf-8")
+        yield report_file, page, figure_dir

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from pipeline.stages.evaluate import VIEWS
+from pipeline.evaluation import VIEWS
 from tests.helpers import (
     ROOT,
     dvc,

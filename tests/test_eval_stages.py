@@ -14,7 +14,23 @@ import yaml
 from pipeline.calibration import TemperatureScaling, softmax
 from pipeline.config import compose, load_section
 from pipeline.domain import GROUPS, LOGIT_COLUMNS
+from pipeline.error_analysis import (
+    confident_mistakes,
+    disagreement,
+    disagreements,
+    subject_line,
+)
 from pipeline.errors import PipelineError
+from pipeline.evaluation import (
+    HEADLINE,
+    VIEWS,
+    ModelScores,
+    Results,
+    evaluate_model,
+    load_calibrators,
+    split_summary,
+    write_views,
+)
 from pipeline.plots import per_class_rows
 from pipeline.predictions import (
     check_against_documents,
@@ -23,25 +39,11 @@ from pipeline.predictions import (
     split_arrays,
     validate_probabilities,
 )
+from pipeline.report import md_cell, render_report, report_html
 from pipeline.schemas import MetricsRow, Predictions, validate
 from pipeline.stages.baseline import BaselineParams, fit, logits_for
 from pipeline.stages.calibrate import CalibrateParams, calibrate_model
-from pipeline.stages.evaluate import (
-    HEADLINE,
-    VIEWS,
-    EvaluateParams,
-    confident_mistakes,
-    disagreement,
-    disagreements,
-    evaluate_model,
-    load_calibrators,
-    md_cell,
-    render_report,
-    report_html,
-    split_summary,
-    subject_line,
-    write_views,
-)
+from pipeline.stages.evaluate import EvaluateParams
 from tests.helpers import ROOT, default_section
 
 K = len(GROUPS)
@@ -257,7 +259,8 @@ def test_evaluate_scores_plots_and_reports(tmp_path: Path) -> None:
 
     params = default_section("evaluate", bootstrap=20)
     per_class = per_class_rows(labels, probs["calibrated"].argmax(axis=1), GROUPS)
-    write_views(tmp_path / "plots", tmp_path / "figures", "m", probs, labels, per_class, params)
+    scores = ModelScores(ids, labels, probs, summary, per_class)
+    write_views(tmp_path / "plots", tmp_path / "figures", "m", scores, params.histogram_bins)
     assert {
         p.relative_to(tmp_path / "plots").as_posix()
         for p in (tmp_path / "plots").rglob("*")
@@ -273,8 +276,8 @@ def test_evaluate_scores_plots_and_reports(tmp_path: Path) -> None:
     plotted = json.loads((tmp_path / "plots/per_class/m.json").read_text())
     assert [{k: r[k] for k in per_class[0]} for r in plotted] == per_class
 
-    metrics, detail = {"m": head}, {"m": rest}
-    report = render_report(metrics, detail, {"m": "temperature"}, ["m"], 20)
+    results = Results(20, metrics={"m": head}, detail={"m": rest}, methods={"m": "temperature"})
+    report = render_report(results, ["m"])
     assert "15 equal-width bins" in report and "| m | temperature |" in report
     assert "![reliability m](figures/m/reliability.png)" in report
     acc = summary["calibrated"]["accuracy"]

@@ -55,7 +55,7 @@ def test_every_artifact_constant_is_a_dvc_output_or_inside_one() -> None:
 def test_dvc_plots_follow_the_model_list() -> None:
     """dvc.yaml's plots name the per-kind folders of evaluate (one file per model inside),
     never a model's own file, so a model added to calibrate.models brings its plots."""
-    from pipeline.stages.evaluate import VIEWS
+    from pipeline.evaluation import VIEWS
 
     plots = yaml.safe_load((ROOT / "dvc.yaml").read_text(encoding="utf-8"))["plots"]
     ids = {next(iter(p)) if isinstance(p, dict) else p for p in plots}

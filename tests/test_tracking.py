@@ -14,8 +14,7 @@ import pytest
 import requests
 from mlflow import MlflowClient
 
-from pipeline.tools.ui import runs_table_url
-from pipeline.tracking import (
+from pipeline.run_keys import (
     finite_metrics,
     flatten,
     pipeline_run_id,
@@ -25,6 +24,7 @@ from pipeline.tracking import (
     scalar_params,
     split_report,
 )
+from pipeline.tools.ui import runs_table_url
 from tests.helpers import (
     GIT_ENV,
     ROOT,
