@@ -16,18 +16,15 @@ import numpy as np
 from pipeline import paths
 from pipeline.domain import GROUPS
 from pipeline.predictions import read_documents
+from pipeline.sources.bydate import subject_of
 
 ERROR_ROWS = 10  # rows of each error-analysis table
 
 
 def subject_line(text: str) -> str:
-    """The post's ``Subject:`` header ('' when the headers were removed or it has none)."""
-    for line in text.splitlines():
-        if not line.strip():
-            break  # the header block ends at the first blank line
-        if line[:8].lower() == "subject:":
-            return line[8:].strip()
-    return ""
+    """The post's ``Subject:`` header, stripped ('' when the headers were removed or it has
+    none)."""
+    return (subject_of(text) or "").strip()
 
 
 def confident_mistakes(
