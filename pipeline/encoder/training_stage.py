@@ -137,7 +137,9 @@ def final_numbers(stage: str, result: dict[str, Any]) -> tuple[dict[str, Any], d
     return split_report(stage, result, FINAL_METRICS, skip=("val_loss",))
 
 
-def run_summary(fitted: Fitted, module: EncoderModule, counts: dict[str, int]) -> dict[str, Any]:
+def training_summary(
+    fitted: Fitted, module: EncoderModule, counts: dict[str, int]
+) -> dict[str, Any]:
     """The report keys both training stages share: budget, speed and size."""
     trainer = fitted.trainer
     tokens = module.train_tokens * trainer.world_size  # real tokens, this run
@@ -184,14 +186,20 @@ def write_training_outputs(
 ) -> None:
     """Weights + config, the two loss curves, the JSON report and the logits ``table``
     (into ``files.predictions``), all or nothing (one :func:`pipeline.io.atomic_outputs`
-    block)."""
+    block).
+
+    Raises:
+        ValueError: a ``table`` without ``files.predictions``.
+    """
     with atomic_outputs() as out:
         save_model(model, out.dir(files.model), config)
         curve_dir = out.dir(files.curves)
         write_curve(curve_dir / "train.csv", curve.train)
         write_curve(curve_dir / "validation.csv", curve.val)
         write_json(out.file(files.report), result)
-        if table is not None and files.predictions is not None:
+        if table is not None:
+            if files.predictions is None:
+                raise ValueError("a logits table needs files.predictions")
             table.to_parquet(out.dir(files.predictions) / paths.PREDICTIONS_FILE, index=False)
 
 

@@ -43,9 +43,9 @@ from pipeline.encoder.tokens import load_splits, load_vocab_size
 from pipeline.encoder.trainer import FitOptions, fit_module, say
 from pipeline.encoder.training_stage import (
     FinetunePaths,
-    run_summary,
     stage_datamodule,
     training_stage_main,
+    training_summary,
     write_training_outputs,
 )
 from pipeline.errors import run_stage
@@ -175,7 +175,7 @@ def train_classifier(
     device = fitted.trainer.strategy.root_device
     table = logits_table(model, data, splits, device, trainer_params.precision)
     step = best.best_step if best.best_step is not None else fitted.trainer.global_step
-    result = selection_report(table, params, step, run_summary(fitted, module, counts))
+    result = selection_report(table, params, step, training_summary(fitted, module, counts))
     head = {key: getattr(params, key) for key in CONFIG_KEYS}
     config = encoder_config(
         model_params, vocab_size, architecture="Classifier", n_classes=NUM_CLASSES, **head

@@ -27,7 +27,7 @@ from pydantic import Field
 from pipeline.domain import GROUPS
 from pipeline.encoder.callbacks import EpochSeed, LossCurve
 from pipeline.encoder.checkpoints import discard_checkpoints
-from pipeline.encoder.data import LMCollator, TokenizedDataModule
+from pipeline.encoder.data import LMCollator
 from pipeline.encoder.embedding_init import EmbeddingInit, init_embedding
 from pipeline.encoder.model import (
     LanguageModel,
@@ -43,8 +43,9 @@ from pipeline.encoder.tokens import DocumentTokens, load_splits, load_vocab_size
 from pipeline.encoder.trainer import FitOptions, fit_module, say
 from pipeline.encoder.training_stage import (
     PretrainPaths,
-    run_summary,
+    stage_datamodule,
     training_stage_main,
+    training_summary,
     write_training_outputs,
 )
 from pipeline.errors import run_stage
@@ -100,32 +101,6 @@ def initial_model(
     return model
 
 
-def lm_datamodule(
-    model_params: ModelParams,
-    params: PretrainParams,
-    trainer_params: TrainerParams,
-    vocab_size: int,
-    splits: dict[str, DocumentTokens],
-    seed: int,
-) -> TokenizedDataModule:
-    """Batches of LM windows: random train windows and masks, seeded validation ones."""
-
-    def collate(seed: int | None) -> LMCollator:
-        return LMCollator(
-            model_params.max_len, vocab_size, params.mask_rate, seed, params.objective
-        )
-
-    return TokenizedDataModule(
-        splits,
-        train_collate=collate(None),
-        eval_collate=collate(seed),
-        batch_size=params.batch_size,
-        eval_batch_size=params.eval_batch_size,
-        num_workers=trainer_params.num_workers,
-        seed=seed,
-    )
-
-
 def pretrain_lm(
     model_params: ModelParams,
     params: PretrainParams,
@@ -144,7 +119,11 @@ def pretrain_lm(
     counts = parameter_counts(model)
     kind = {"mlm": "masked", "clm": "causal"}[params.objective]
     say(f"pretrain: {kind} LM with {format_parameter_counts(counts)}")
-    data = lm_datamodule(model_params, params, trainer_params, vocab_size, splits, seed)
+    train_collate, eval_collate = (  # random windows and masks; seeded for validation
+        LMCollator(model_params.max_len, vocab_size, params.mask_rate, s, params.objective)
+        for s in (None, seed)
+    )
+    data = stage_datamodule(splits, params, trainer_params, seed, train_collate, eval_collate)
     module = LMModule(model, params)
     curve = LossCurve(every=trainer_params.log_every_n_steps)
     fitted = fit_module(module, data, [curve, EpochSeed(seed)], trainer_params, options)
@@ -158,7 +137,7 @@ def pretrain_lm(
         "val_loss": round(val_loss, 6),
         "val_perplexity": round(math.exp(min(val_loss, 700.0)), 4),
         "objective": params.objective,
-        **run_summary(fitted, module, counts),
+        **training_summary(fitted, module, counts),
     }
     config = encoder_config(
         model_params, vocab_size, architecture="LanguageModel", objective=params.objective
