@@ -119,7 +119,7 @@ class EpochSeed(Callback):
     """Reseeds Python, NumPy and torch at the start of every training epoch from
     (seed, epoch): an epoch's randomness (windows, masks, dropout) then depends only on the
     state it starts from, so a run resumed from an end-of-epoch checkpoint continues
-    exactly like an uninterrupted one (same weights at the end, tested)."""
+    exactly like an uninterrupted one (same weights at the end)."""
 
     def __init__(self, seed: int) -> None:
         self.seed = seed
