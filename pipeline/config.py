@@ -52,7 +52,7 @@ SECTIONS: dict[str, str] = {
     "finetune": "pipeline.stages.finetune:FinetuneParams",
     "wide": "pipeline.stages.wide:WideParams",
     "blend": "pipeline.stages.blend:BlendParams",
-    "trainer": "pipeline.encoder.training:TrainerParams",
+    "trainer": "pipeline.encoder.params:TrainerParams",
     "baseline": "pipeline.stages.baseline:BaselineParams",
     "calibrate": "pipeline.stages.calibrate:CalibrateParams",
     "evaluate": "pipeline.stages.evaluate:EvaluateParams",

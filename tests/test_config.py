@@ -298,7 +298,7 @@ def test_training_params_errors_name_the_key_first(
     tmp_path: Path, section: str, values: dict, message: str
 ) -> None:
     from pipeline.encoder.model import ModelParams
-    from pipeline.encoder.training import TrainerParams
+    from pipeline.encoder.params import TrainerParams
     from pipeline.stages.finetune import FinetuneParams
     from pipeline.stages.pretrain import PretrainParams
 

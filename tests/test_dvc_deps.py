@@ -98,7 +98,7 @@ def test_every_stage_lists_exactly_the_code_it_imports() -> None:
 def test_display_only_trainer_keys_are_no_dvc_params() -> None:
     """Toggling the progress bar must not retrain the models: the training stages list
     every other ``trainer`` key, one by one."""
-    from pipeline.encoder.training import DISPLAY_ONLY, TrainerParams
+    from pipeline.encoder.params import DISPLAY_ONLY, TrainerParams
 
     expected = {f"trainer.{k}" for k in TrainerParams.model_fields} - {
         f"trainer.{k}" for k in DISPLAY_ONLY

@@ -99,7 +99,7 @@ def test_pretrain_starts_from_the_train_split_only() -> None:
     assert pretrain.embedding_init == "lsa"  # the default
     train = _split(topic_docs())
 
-    torch.manual_seed(1)  # as pretrain.run seeds everything first
+    torch.manual_seed(1)  # as pretrain_lm seeds everything first
     first = initial_model(model_params, pretrain, VOCAB, train, seed=1)
     torch.manual_seed(1)
     again = initial_model(model_params, pretrain, VOCAB, train, seed=1)

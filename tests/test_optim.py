@@ -5,10 +5,7 @@ from __future__ import annotations
 import pytest
 
 from pipeline.encoder.model import Classifier
-from pipeline.encoder.training import (
-    WarmupDecay,
-    param_groups,
-)
+from pipeline.encoder.optim import WarmupDecay, param_groups
 from tests.helpers import default_section
 from tests.tiny import (
     MODEL,

@@ -1,7 +1,7 @@
 """The served model with real MLflow: log, register, load in a fresh process, serve over HTTP.
 
 A tiny tokenizer + classifier + calibrator are built once per module by the real stage
-code (train_tokenizer, finetune.run, a temperature fit) on synthetic posts, then the
+code (train_tokenizer, finetune's train_classifier, a temperature fit) on synthetic posts, then the
 `register` stage logs and registers them in a throwaway SQLite store.
 """
 
@@ -27,6 +27,8 @@ from mlflow import MlflowClient
 
 from pipeline.calibration import fit_calibrator
 from pipeline.domain import GROUPS, LOGIT_COLUMNS
+from pipeline.encoder.trainer import FitOptions
+from pipeline.encoder.training_stage import FinetunePaths
 from pipeline.serving import (
     Scorer,
     ServedFiles,
@@ -35,7 +37,7 @@ from pipeline.serving import (
     serving_config,
     validate_texts,
 )
-from pipeline.stages.finetune import run as finetune
+from pipeline.stages.finetune import train_classifier as finetune
 from pipeline.tokenization import train_tokenizer
 from tests.helpers import (
     ROOT,
@@ -111,13 +113,15 @@ def build_project(root: Path) -> None:
         default_section("finetune", **FINETUNE),
         default_section("trainer", progress_bar=False, log_every_n_steps=5),
         0,
-        tokenized=root / "data/tokenized",
-        tokenizer=root / "data/tokenizer/tokenizer.json",
-        out_model=root / "data/models/classifier",
-        out_predictions=root / "data/predictions/transformer",
-        report=root / "reports/finetune.json",
-        curves=root / "reports/finetune",
-        default_root_dir=str(root),
+        FinetunePaths(
+            tokenized=root / "data/tokenized",
+            tokenizer=root / "data/tokenizer/tokenizer.json",
+            model=root / "data/models/classifier",
+            predictions=root / "data/predictions/transformer",
+            report=root / "reports/finetune.json",
+            curves=root / "reports/finetune",
+        ),
+        FitOptions(trainer_overrides={"default_root_dir": str(root)}),
     )
     model, table, _ = wide.run(
         default_section("wide", **WIDE),

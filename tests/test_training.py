@@ -8,17 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from pipeline.encoder.callbacks import LossCurve, StepProgressBar
 from pipeline.encoder.collate import ClassifyCollator
 from pipeline.encoder.data import LMCollator
 from pipeline.encoder.model import Classifier, LanguageModel
-from pipeline.encoder.training import (
-    ClassifierModule,
-    LMModule,
-    LossCurve,
-    NonFiniteLossError,
-    StepProgressBar,
-    build_trainer,
-)
+from pipeline.encoder.modules import ClassifierModule, LMModule, NonFiniteLossError
+from pipeline.encoder.trainer import build_trainer
 from tests.helpers import default_section
 from tests.tiny import (
     FINETUNE,

@@ -18,20 +18,19 @@ import yaml
 from pipeline.domain import LOGIT_COLUMNS
 from pipeline.encoder.collate import ClassifyCollator
 from pipeline.encoder.model import Classifier, ModelParams
+from pipeline.encoder.modules import ClassifierModule
+from pipeline.encoder.params import TrainerParams
 from pipeline.encoder.tokens import load_splits, load_vocab_size
-from pipeline.encoder.training import (
-    ClassifierModule,
-    TrainerParams,
-    build_trainer,
-)
+from pipeline.encoder.trainer import build_trainer
+from pipeline.encoder.training_stage import FinetunePaths, PretrainPaths
 from pipeline.errors import PipelineError, run_stage
 from pipeline.schemas import Predictions
 from pipeline.stages.finetune import (
     FinetuneParams,
     build_classifier,
 )
-from pipeline.stages.finetune import run as finetune
-from pipeline.stages.pretrain import run as pretrain
+from pipeline.stages.finetune import train_classifier as finetune
+from pipeline.stages.pretrain import pretrain_lm as pretrain
 from tests.helpers import ROOT, default_section, params_with
 from tests.tiny import (
     FINETUNE,
@@ -127,9 +126,9 @@ def test_two_seeded_runs_are_identical(project: Path, tmp_path_factory) -> None:
             default_section("pretrain", **PRETRAIN),
             trainer_p,
             7,
-            out_model=out / "pretrained",
-            report=out / "pretrain.json",
-            curves=out / "pretrain",
+            PretrainPaths(
+                model=out / "pretrained", report=out / "pretrain.json", curves=out / "pretrain"
+            ),
         )
         params = default_section("finetune", **{**FINETUNE, "init": "pretrained", "max_epochs": 2})
         fin = finetune(
@@ -137,11 +136,13 @@ def test_two_seeded_runs_are_identical(project: Path, tmp_path_factory) -> None:
             params,
             trainer_p,
             7,
-            pretrained=out / "pretrained",
-            out_model=out / "classifier",
-            out_predictions=out / "predictions",
-            report=out / "finetune.json",
-            curves=out / "finetune",
+            FinetunePaths(
+                pretrained=out / "pretrained",
+                model=out / "classifier",
+                predictions=out / "predictions",
+                report=out / "finetune.json",
+                curves=out / "finetune",
+            ),
         )
         logits = pd.read_parquet(out / "predictions/predictions.parquet")
         results.append((without_timing(pre), without_timing(fin), logits))

@@ -9,10 +9,8 @@ import numpy as np
 from pipeline.domain import GROUPS, SPECIAL_TOKENS
 from pipeline.encoder.data import TokenizedDataModule
 from pipeline.encoder.model import ModelParams
+from pipeline.encoder.params import TrainerParams
 from pipeline.encoder.tokens import load_splits
-from pipeline.encoder.training import (
-    TrainerParams,
-)
 from tests.helpers import default_section
 
 VOCAB = 64

@@ -30,7 +30,7 @@ class Example(NamedTuple):
 
 def load_vocab_size(tokenizer_path: str | Path) -> int:
     """Vocabulary size of the ``tokenize`` tokenizer, after checking its special-token ids."""
-    from tokenizers import Tokenizer
+    from tokenizers import Tokenizer  # deferred: start-up time of the modules importing Example
 
     path = Path(tokenizer_path)
     if not path.is_file():
@@ -76,7 +76,7 @@ def load_splits(
     path: str | Path, vocab_size: int, n_classes: int, splits: tuple[str, ...] = SPLITS
 ) -> dict[str, DocumentTokens]:
     """Load and check the requested splits of ``data/tokenized`` (a ``save_to_disk`` dir)."""
-    from datasets import DatasetDict, load_from_disk
+    from datasets import DatasetDict, load_from_disk  # deferred: slow to import (start-up)
 
     path = Path(path)
     try:

@@ -3,12 +3,11 @@
 Reads ``data/tokenized`` (train to learn, validation for a held-out loss; test is never
 read) and ``data/tokenizer/tokenizer.json`` (vocabulary size). Each training document
 contributes a random window of ``model.max_len - 2`` tokens per epoch. ``objective``:
-``mlm`` (default) predicts dynamically masked tokens with bidirectional attention;
-``clm`` predicts every next token with causal attention. Validation uses fixed windows
-(and masks) so its loss is comparable across steps. Before training, ``embedding_init:
-lsa`` (default) sets the token embedding from a truncated SVD of the train split's TF-IDF
-(:mod:`pipeline.encoder.embedding_init`): seconds of CPU that are worth more to the classifier
-than the MLM steps this budget affords.
+``mlm`` predicts dynamically masked tokens with bidirectional attention; ``clm`` predicts
+every next token with causal attention. Validation uses fixed windows (and masks) so its
+loss is comparable across steps. Before training, ``embedding_init: lsa`` sets the token
+embedding from a truncated SVD of the train split's TF-IDF
+(:mod:`pipeline.encoder.embedding_init`).
 
 Outputs (all written atomically after training, by global rank 0 only):
 ``data/models/pretrained/`` (``model.safetensors`` with the encoder and MLM head,
@@ -20,15 +19,15 @@ from __future__ import annotations
 
 import math
 import time
-from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as L
 from pydantic import Field
 
-from pipeline import paths
 from pipeline.domain import GROUPS
-from pipeline.encoder.data import LMCollator, TokenizedDataModule
+from pipeline.encoder.callbacks import EpochSeed, LossCurve
+from pipeline.encoder.checkpoints import discard_checkpoints
+from pipeline.encoder.data import LMCollator
 from pipeline.encoder.embedding_init import EmbeddingInit, init_embedding
 from pipeline.encoder.model import (
     LanguageModel,
@@ -38,22 +37,18 @@ from pipeline.encoder.model import (
     format_parameter_counts,
     parameter_counts,
 )
+from pipeline.encoder.modules import LMModule
+from pipeline.encoder.params import TrainerParams, TrainParams
 from pipeline.encoder.tokens import DocumentTokens, load_splits, load_vocab_size
-from pipeline.encoder.training import (
-    EpochSeed,
-    LMModule,
-    LossCurve,
-    TrainerParams,
-    TrainParams,
-    discard_checkpoints,
-    fit_module,
-    run_summary,
-    say,
+from pipeline.encoder.trainer import FitOptions, fit_module, say
+from pipeline.encoder.training_stage import (
+    PretrainPaths,
+    stage_datamodule,
     training_stage_main,
+    training_summary,
     write_training_outputs,
 )
 from pipeline.errors import run_stage
-from pipeline.io import atomic_outputs
 
 
 class PretrainParams(TrainParams):
@@ -106,84 +101,59 @@ def initial_model(
     return model
 
 
-def run(
+def pretrain_lm(
     model_params: ModelParams,
     params: PretrainParams,
     trainer_params: TrainerParams,
     seed: int,
-    *,
-    tokenized: Path = paths.TOKENIZED,
-    tokenizer: Path = paths.TOKENIZER,
-    out_model: Path = paths.PRETRAINED,
-    report: Path = paths.stage_report("pretrain"),
-    curves: Path = paths.curves_dir("pretrain"),
-    checkpoints: Path | None = None,
-    **trainer_overrides: Any,
+    files: PretrainPaths | None = None,
+    options: FitOptions | None = None,
 ) -> dict[str, Any] | None:
-    """Pretrain and write the outputs; returns the report on rank 0 (None elsewhere)."""
+    """Pretrain and write the outputs to ``files`` (default: the pipeline's paths); returns
+    the report on global rank 0, None on the other ranks."""
+    files, options = files or PretrainPaths(), options or FitOptions()
     L.seed_everything(seed, workers=True, verbose=False)
-    vocab_size = load_vocab_size(tokenizer)
-    splits = load_splits(tokenized, vocab_size, len(GROUPS), ("train", "validation"))
+    vocab_size = load_vocab_size(files.tokenizer)
+    splits = load_splits(files.tokenized, vocab_size, len(GROUPS), ("train", "validation"))
     model = initial_model(model_params, params, vocab_size, splits["train"], seed)
     counts = parameter_counts(model)
     kind = {"mlm": "masked", "clm": "causal"}[params.objective]
     say(f"pretrain: {kind} LM with {format_parameter_counts(counts)}")
-
-    def collate(seed: int | None) -> LMCollator:
-        return LMCollator(
-            model_params.max_len, vocab_size, params.mask_rate, seed, params.objective
-        )
-
-    data = TokenizedDataModule(
-        splits,
-        train_collate=collate(None),
-        eval_collate=collate(seed),
-        batch_size=params.batch_size,
-        eval_batch_size=params.eval_batch_size,
-        num_workers=trainer_params.num_workers,
-        seed=seed,
+    train_collate, eval_collate = (  # random windows and masks; seeded for validation
+        LMCollator(model_params.max_len, vocab_size, params.mask_rate, s, params.objective)
+        for s in (None, seed)
     )
+    data = stage_datamodule(splits, params, trainer_params, seed, train_collate, eval_collate)
     module = LMModule(model, params)
     curve = LossCurve(every=trainer_params.log_every_n_steps)
-    callbacks = [curve, EpochSeed(seed)]
-    fitted = fit_module(module, data, callbacks, trainer_params, checkpoints, **trainer_overrides)
-    trainer = fitted.trainer
+    fitted = fit_module(module, data, [curve, EpochSeed(seed)], trainer_params, options)
     # A final held-out pass on the final weights (the last scheduled validation may be
     # steps behind them); every rank takes part, rank 0 writes.
-    final = trainer.validate(module, datamodule=data, verbose=False)[0]
-    if not trainer.is_global_zero:
+    final = fitted.trainer.validate(module, datamodule=data, verbose=False)[0]
+    if not fitted.trainer.is_global_zero:
         return None
-
     val_loss = float(final["val_loss"])
     result = {
         "val_loss": round(val_loss, 6),
         "val_perplexity": round(math.exp(min(val_loss, 700.0)), 4),
         "objective": params.objective,
-        **run_summary(fitted, module, counts),
+        **training_summary(fitted, module, counts),
     }
-    with atomic_outputs() as out:
-        config = encoder_config(
-            model_params, vocab_size, architecture="LanguageModel", objective=params.objective
-        )
-        write_training_outputs(out, model, config, curve, result, out_model, curves, report)
-    discard_checkpoints(checkpoints)
+    config = encoder_config(
+        model_params, vocab_size, architecture="LanguageModel", objective=params.objective
+    )
+    write_training_outputs(model, config, curve, result, files)
+    discard_checkpoints(options.checkpoints)
     say(
         f"pretrain: val loss {val_loss:.4f} (perplexity {result['val_perplexity']}) after "
-        f"{result['steps']} steps; weights in {out_model}/, metrics in {report}, "
-        f"curves in {curves}/"
+        f"{result['steps']} steps; weights in {files.model}/, metrics in {files.report}, "
+        f"curves in {files.curves}/"
     )
     return result
 
 
 def main() -> None:
-    training_stage_main(
-        "pretrain",
-        PretrainParams,
-        run,
-        paths.stage_report("pretrain"),
-        paths.curves_dir("pretrain"),
-        [paths.TOKENIZED, paths.TOKENIZER],
-    )
+    training_stage_main("pretrain", PretrainParams, pretrain_lm, PretrainPaths())
 
 
 if __name__ == "__main__":

@@ -106,11 +106,12 @@ def run_pair(
     """Train the pretrained and the scratch encoder for one seed; their budgets and hits.
     ``reuse``: the pretrained side is the pipeline's own run (the params' seed only)."""
     from pipeline.encoder.model import ModelParams
-    from pipeline.encoder.training import TrainerParams
+    from pipeline.encoder.params import TrainerParams
+    from pipeline.encoder.training_stage import FinetunePaths, PretrainPaths
     from pipeline.stages.finetune import FinetuneParams
-    from pipeline.stages.finetune import run as finetune
+    from pipeline.stages.finetune import train_classifier as finetune
     from pipeline.stages.pretrain import PretrainParams
-    from pipeline.stages.pretrain import run as pretrain
+    from pipeline.stages.pretrain import pretrain_lm as pretrain
 
     model = ModelParams(**params["model"])
     trainer = TrainerParams(**{**params["trainer"], "progress_bar": False})
@@ -119,23 +120,25 @@ def run_pair(
     def paths(name: str) -> dict[str, Path]:
         root = work / f"{name}-{seed}"
         return {
-            "out_model": root / "model",
+            "model": root / "model",
             "report": root / "report.json",
             "curves": root / "curves",
-            **({"out_predictions": root / "predictions"} if name != "pretrain" else {}),
+            **({"predictions": root / "predictions"} if name != "pretrain" else {}),
         }
 
     fine_paths = paths("pretrained")
     if reuse:
-        pre, pre_minutes, fine, fine_minutes, fine_paths["out_predictions"] = pipeline_side()
+        pre, pre_minutes, fine, fine_minutes, fine_paths["predictions"] = pipeline_side()
     else:
         start = time.perf_counter()
         pre_paths = paths("pretrain")
-        pre = pretrain(model, PretrainParams(**params["pretrain"]), trainer, seed, **pre_paths)
+        pre_files = PretrainPaths(**pre_paths)
+        pre = pretrain(model, PretrainParams(**params["pretrain"]), trainer, seed, pre_files)
         pre_minutes = (time.perf_counter() - start) / 60
         start = time.perf_counter()
         ft = FinetuneParams(**{**params["finetune"], "init": "pretrained"})
-        fine = finetune(model, ft, trainer, seed, pretrained=pre_paths["out_model"], **fine_paths)
+        fine_files = FinetunePaths(pretrained=pre_paths["model"], **fine_paths)
+        fine = finetune(model, ft, trainer, seed, fine_files)
         fine_minutes = (time.perf_counter() - start) / 60
     pre_tokens = pre["train_tokens"]
     tokens_per_step = fine["train_tokens"] / max(1, fine["steps"])
@@ -145,7 +148,8 @@ def run_pair(
     scratch_paths = paths("scratch")
     section = {**params["finetune"], **scratch, "init": "scratch"}
     section.update(max_steps=fine["steps"] + extra_steps, max_epochs=None)
-    base = finetune(model, FinetuneParams(**section), trainer, seed, **scratch_paths)
+    scratch_files = FinetunePaths(**scratch_paths)
+    base = finetune(model, FinetuneParams(**section), trainer, seed, scratch_files)
     scratch_minutes = (time.perf_counter() - start) / 60
 
     out["pretrained"] = {
@@ -164,7 +168,7 @@ def run_pair(
         "overrides": scratch,
     }
     hits = {
-        name: test_correct(p["out_predictions"] / "predictions.parquet")
+        name: test_correct(p["predictions"] / "predictions.parquet")
         for name, p in (("pretrained", fine_paths), ("scratch", scratch_paths))
     }
     return out, hits

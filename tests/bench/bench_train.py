@@ -26,8 +26,11 @@ from torch.utils.data import DataLoader
 
 from pipeline.encoder.data import LMCollator
 from pipeline.encoder.model import LanguageModel, ModelParams
+from pipeline.encoder.modules import LMModule
+from pipeline.encoder.optim import configure_adamw
+from pipeline.encoder.params import TrainerParams
 from pipeline.encoder.tokens import load_splits, load_vocab_size
-from pipeline.encoder.training import LMModule, TrainerParams, build_trainer, configure_adamw
+from pipeline.encoder.trainer import build_trainer
 from pipeline.stages.pretrain import PretrainParams
 
 ROOT = Path(__file__).resolve().parents[2]
