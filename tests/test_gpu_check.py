@@ -154,3 +154,17 @@ def test_device_peaks():
     assert measure.device_peak("NVIDIA H100 PCIe") == 756.0
     assert measure.device_peak("Some GPU") is None
     assert measure.device_peak("Some GPU", 100.0) == 100.0
+
+
+def test_gpu_wheels_are_the_locked_versions():
+    """The wheels carried to the GPU machine are requirements.lock's pydantic stack."""
+
+    def pins(path: Path) -> dict[str, str]:
+        lines = path.read_text(encoding="utf-8").splitlines()
+        pairs = [line.split("==") for line in lines if "==" in line and not line.startswith("#")]
+        return {name.lower().replace("_", "-"): version for name, version in pairs}
+
+    wanted = pins(bundle.ROOT / "tests/gpu/requirements.txt")
+    assert {"pydantic", "pydantic-core", "typing-extensions"} <= set(wanted)
+    locked = pins(bundle.ROOT / "requirements.lock")
+    assert {name: locked.get(name) for name in wanted} == wanted

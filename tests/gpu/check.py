@@ -15,13 +15,8 @@ check failed.
 
 from __future__ import annotations
 
-import os
-
-# Deterministic cuBLAS needs this before CUDA starts (Lightning sets it later, too late
-# once an earlier part has used cuBLAS).
-os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -36,10 +31,8 @@ import torch
 import yaml
 
 # ---------------------------------------------------------------------------------------
-# The pipeline's own objects, exactly what the pretrain and finetune stages use.
-# (TrainerParams, TrainParams, LMModule, ClassifierModule, EpochSeed, fit_module and
-# predict_logits live in pipeline/encoder/training.py here: repoint these lines when that
-# module is split.)
+# The pipeline's own objects, exactly what the pretrain and finetune stages use (all of
+# the check's pipeline imports are in this block; tests/test_gpu_check.py asserts identity).
 from pipeline.domain import NUM_CLASSES
 from pipeline.encoder.collate import ClassifyCollator
 from pipeline.encoder.data import LMCollator, TokenizedDataModule
@@ -366,6 +359,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if "deterministic" in args.parts:
+        # Deterministic cuBLAS needs it before its first use (Lightning sets it only when a
+        # deterministic trainer starts, after earlier parts have used cuBLAS).
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     device = torch.device(args.device)
     splits, data = load_data(args)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
