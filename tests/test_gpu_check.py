@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.encoder import collate, data, model, training
+from pipeline.encoder import collate, data, model, modules, trainer
 from pipeline.encoder.tokens import DocumentTokens, load_splits
 from tests.gpu import bundle, check, measure
 from tests.gpu import corpus as gpu_corpus
@@ -51,9 +51,12 @@ def test_bundle_holds_the_check_its_pipeline_modules_and_the_slice(built, corpus
     assert size < 64 * 2**20
     assert size == sum((out / f).stat().st_size for f in files)
     assert set(bundle.CHECK_FILES) <= files
-    encoder = {f"pipeline/encoder/{m}.py" for m in ("model", "training", "data", "collate")}
+    encoder = {
+        f"pipeline/encoder/{m}.py"
+        for m in ("model", "modules", "params", "trainer", "callbacks", "data", "collate")
+    }
     assert encoder | {"pipeline/__init__.py", "pipeline/config.py"} <= files
-    assert not {f for f in files if f.startswith("pipeline/stages") or "tracking" in f}
+    assert not {f for f in files if f.startswith("pipeline/stages")}
     assert {"conf/model/gpu.yaml", "conf/model/cpu.yaml", "conf/trainer/gpu.yaml"} <= files
     assert "wheels/pydantic-0.0-py3-none-any.whl" in files
     # the slice: the documents of data/tokenized, as the stages' DocumentTokens reads them
@@ -105,23 +108,23 @@ def test_bundle_without_data_runs_on_cpu_on_synthetic_data(corpus, tmp_path):
 
 
 def test_the_check_trains_the_pipelines_own_objects(built, tmp_path, monkeypatch, one_thread):
-    assert check.LMModule is training.LMModule
-    assert check.ClassifierModule is training.ClassifierModule
-    assert check.fit_module is training.fit_module
-    assert check.predict_logits is training.predict_logits
+    assert check.LMModule is modules.LMModule
+    assert check.ClassifierModule is modules.ClassifierModule
+    assert check.fit_module is trainer.fit_module
+    assert check.predict_logits is trainer.predict_logits
     assert check.LanguageModel is model.LanguageModel
     assert check.Classifier is model.Classifier
     assert check.TokenizedDataModule is data.TokenizedDataModule
     assert check.LMCollator is data.LMCollator
     assert check.ClassifyCollator is collate.ClassifyCollator
-    factory = training.build_trainer
+    factory = trainer.build_trainer
     calls = []
 
-    def spy(tp, run, callbacks, checkpoints=None, **overrides):
+    def spy(tp, cfg, callbacks, checkpoints=None, **overrides):
         calls.append(tp)
-        return factory(tp, run, callbacks, checkpoints, **overrides)
+        return factory(tp, cfg, callbacks, checkpoints, **overrides)
 
-    monkeypatch.setattr(training, "build_trainer", spy)
+    monkeypatch.setattr(trainer, "build_trainer", spy)
     out, _ = built
     args = check.parse_args(["--device", "cpu", "--data", str(out / "gpu-slice")])
     splits, meta = check.load_data(args)
@@ -130,8 +133,8 @@ def test_the_check_trains_the_pipelines_own_objects(built, tmp_path, monkeypatch
     ctx = check.Ctx(args, torch.device("cpu"), splits, meta["vocab_size"], report, None)
     lm, lm_timer = check.pretrain(ctx, "tiny", 2)
     cls, cls_timer = check.finetune(ctx, "tiny", 2)
-    assert type(lm) is training.LMModule and type(lm.model) is model.LanguageModel
-    assert type(cls) is training.ClassifierModule and type(cls.model) is model.Classifier
+    assert type(lm) is modules.LMModule and type(lm.model) is model.LanguageModel
+    assert type(cls) is modules.ClassifierModule and type(cls.model) is model.Classifier
     assert [tp.precision for tp in calls] == ["bf16-mixed", "bf16-mixed"]
     assert len(lm_timer.losses) == len(cls_timer.losses) == 2
 

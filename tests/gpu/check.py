@@ -34,6 +34,7 @@ import yaml
 # The pipeline's own objects, exactly what the pretrain and finetune stages use (all of
 # the check's pipeline imports are in this block; tests/test_gpu_check.py asserts identity).
 from pipeline.domain import NUM_CLASSES
+from pipeline.encoder.callbacks import EpochSeed
 from pipeline.encoder.collate import ClassifyCollator
 from pipeline.encoder.data import LMCollator, TokenizedDataModule
 from pipeline.encoder.model import (
@@ -43,16 +44,10 @@ from pipeline.encoder.model import (
     load_model_files,
     save_model,
 )
+from pipeline.encoder.modules import ClassifierModule, LMModule
+from pipeline.encoder.params import TrainerParams, TrainParams
 from pipeline.encoder.tokens import DocumentTokens
-from pipeline.encoder.training import (
-    ClassifierModule,
-    EpochSeed,
-    LMModule,
-    TrainerParams,
-    TrainParams,
-    fit_module,
-    predict_logits,
-)
+from pipeline.encoder.trainer import FitOptions, fit_module, predict_logits
 
 # ---------------------------------------------------------------------------------------
 from tests.gpu import corpus
@@ -127,12 +122,18 @@ def train(ctx: Ctx, module: L.LightningModule, collate: Any, tp: TrainerParams) 
         ctx.splits,
         train_collate=collate,
         eval_collate=collate,
-        batch_size=module.run.batch_size,
+        batch_size=module.cfg.batch_size,
         num_workers=tp.num_workers,
         seed=ctx.args.seed,
     )
     timer = StepTimer(ctx.device)
-    fit_module(module, data, [timer, EpochSeed(ctx.args.seed)], tp, None, limit_val_batches=0)
+    fit_module(
+        module,
+        data,
+        [timer, EpochSeed(ctx.args.seed)],
+        tp,
+        FitOptions(trainer_overrides={"limit_val_batches": 0}),
+    )
     return timer
 
 
