@@ -20,7 +20,7 @@ MLflow: one run per model, ``calibrate/<model>``.
 from __future__ import annotations
 
 import sys
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 from pydantic import Field, field_validator
@@ -29,7 +29,6 @@ from pipeline import paths
 from pipeline.calibration import Calibrator, fit_calibrator, select_auto, softmax
 from pipeline.calibration.options import CalibrateOptions
 from pipeline.config import Section, load_section, load_seed
-from pipeline.conformal import check_level
 from pipeline.domain import GROUPS
 from pipeline.errors import PipelineError, run_stage
 from pipeline.io import atomic_outputs, write_json
@@ -72,7 +71,7 @@ class CalibrateParams(Section):
         "cross-fitted calibrator that scores the validation rows of the prediction sets.",
     )
     options: CalibrateOptions = Field(description="Per-method options")
-    set_levels: list[float] = Field(
+    set_levels: list[Annotated[float, Field(gt=0.0, lt=1.0)]] = Field(
         min_length=1,
         description="Coverage levels of the conformal prediction sets, fitted on the "
         "validation split scored by the calibrator cross-fitted over `folds`: each in (0, 1), "
@@ -92,10 +91,9 @@ class CalibrateParams(Section):
     @field_validator("set_levels")
     @classmethod
     def _levels(cls, levels: list[float]) -> list[float]:
-        values = [check_level(v, "set_levels") for v in levels]
-        if values != sorted(set(values)):
+        if levels != sorted(set(levels)):
             raise ValueError(f"set_levels must be strictly increasing, got {levels}")
-        return values
+        return levels
 
     def opts(self, method: str) -> dict[str, Any]:
         """The options of ``method`` (none for a method without a section)."""
