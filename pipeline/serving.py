@@ -231,17 +231,8 @@ class Scorer:
             sets = ServedSets.load(calibrator_state, config)
         except PipelineError as exc:
             raise PipelineError(f"{files.calibrator}: {exc}") from None
-        return cls(
-            tokenizer,
-            weights,
-            encoder,
-            collate,
-            wide,
-            calibrator,
-            groups,
-            int(config["batch_size"]),
-            sets,
-        )
+        batch = int(config["batch_size"])
+        return cls(tokenizer, weights, encoder, collate, wide, calibrator, groups, batch, sets)
 
     def token_ids(self, texts: Sequence[str]) -> list[np.ndarray]:
         """Whole documents, no special tokens: what the ``tokenize`` stage stores."""
