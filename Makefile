@@ -101,7 +101,7 @@ MODELS ?= blend
 compare: $(STAMP)  ## dvc exp show: headline metrics of MODELS (blend) and the changed params
 	$(BIN)/dvc exp show --only-changed \
 	  --keep '($(MODELS))\.calibrated\.(accuracy|ece|nll)$$' \
-	  --drop 'Created|.*/|.*\.uncalibrated\.|.*\.(macro_f1|brier|ece_debiased)$$|(?!($(MODELS))\.)[^.]+\.calibrated\.' \
+	  --drop 'Created|.*/|.*\.uncalibrated\.|.*\.sets\.|.*\.(macro_f1|brier|ece_debiased)$$|(?!($(MODELS))\.)[^.]+\.calibrated\.' \
 	  $(ARGS)
 
 # The GPU check (docs/gpu.md) and what it needs there, in .gpu-bundle/ (under 64 MiB): the

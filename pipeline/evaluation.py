@@ -25,6 +25,7 @@ from pipeline.errors import PipelineError
 from pipeline.io import write_json
 from pipeline.metrics import N_BINS, summarize
 from pipeline.predictions import load_predictions, split_arrays, validate_probabilities
+from pipeline.set_evaluation import headline
 
 VARIANTS = ("uncalibrated", "calibrated")
 HEADLINE = ("accuracy", "macro_f1", "nll", "brier", "ece", "ece_debiased")
@@ -55,7 +56,8 @@ class Results:
     ``detail`` is ``reports/metrics_detail.json`` (the binning, the resamples, then per
     model the rest of each summary and ``per_class``), ``rows`` one row per model and
     variant for :class:`pipeline.schemas.MetricsRow`, ``methods`` each model's
-    calibration method and ``probs`` its calibrated test probabilities.
+    calibration method, ``probs`` its calibrated test probabilities and ``sets`` its
+    prediction-set scores (:meth:`add_sets`; absent for a calibrator without thresholds).
     """
 
     n_boot: int
@@ -64,6 +66,7 @@ class Results:
     methods: dict[str, str] = field(default_factory=dict)
     probs: dict[str, np.ndarray] = field(default_factory=dict)
     rows: list[dict[str, Any]] = field(default_factory=list)
+    sets: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.detail = {"ece_bins": N_BINS, "bootstrap": self.n_boot, **self.detail}
@@ -76,6 +79,15 @@ class Results:
         self.detail[model]["per_class"] = scores.per_class
         self.methods[model] = method
         self.probs[model] = scores.probs["calibrated"]
+
+    def add_sets(self, model: str, sets: dict[str, Any]) -> None:
+        """Record one model's set scores (:func:`pipeline.set_evaluation.score_sets`, after
+        :meth:`add`): all in the detail file, the served ones at 0.95 in the metrics file."""
+        self.sets[model] = sets
+        self.detail[model]["sets"] = sets
+        head = headline(sets)
+        if head:
+            self.metrics[model]["sets"] = head
 
 
 def load_calibrators(models: Sequence[str]) -> dict[str, Calibrator]:

@@ -190,6 +190,25 @@ def per_class_bars(rows: Sequence[Mapping[str, Any]], path: str | Path, title: s
     return _save(fig, path)
 
 
+def set_size_histogram(
+    counts_by_level: Mapping[str, np.ndarray], path: str | Path, title: str = ""
+) -> Path:
+    """Share of documents per prediction-set size, one bar group per size and one bar per
+    coverage level (``counts_by_level``: level name -> documents per size 0, 1, ...)."""
+    fig = Figure(figsize=(8, 4))
+    ax = fig.add_subplot(1, 1, 1)
+    width = 0.8 / max(len(counts_by_level), 1)
+    for i, (level, counts) in enumerate(counts_by_level.items()):
+        shares = np.asarray(counts, dtype=np.float64) / np.sum(counts)
+        offset = (i - (len(counts_by_level) - 1) / 2) * width
+        ax.bar(np.arange(shares.size) + offset, shares, width=width, label=f"level {level}")
+    ax.set(xlabel="set size (classes)", ylabel="share of test documents", ylim=(0, 1))
+    ax.set_title(title or "prediction-set sizes")
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    return _save(fig, path)
+
+
 def risk_coverage_plot(
     probs_by_name: Mapping[str, np.ndarray],
     labels: np.ndarray,

@@ -25,6 +25,7 @@ import pandas as pd
 from mlflow import MlflowClient
 from mlflow.models import ModelSignature, infer_signature
 from mlflow.models.model import ModelInfo
+from mlflow.types.schema import Array, ColSpec, DataType, ParamSchema, ParamSpec, Schema
 
 from pipeline import paths
 from pipeline.config import ROOT
@@ -33,6 +34,7 @@ from pipeline.errors import PipelineError
 from pipeline.io import sha256_file, write_json
 from pipeline.predictions import read_documents
 from pipeline.served_requirements import pip_requirements
+from pipeline.served_sets import LEVEL_PARAM, SERVING_KEYS, SET_COLUMN
 from pipeline.serving import (
     ARTIFACT_BLEND,
     ARTIFACT_CALIBRATOR,
@@ -58,7 +60,8 @@ MODEL_DESCRIPTION = (
     "20 Newsgroups classifier: the pipeline's calibrated blend of a small transformer encoder "
     "and a linear bag-of-tokens model (newsgroups-pipeline). Input: a table with a `text` "
     "column of raw posts; output: predicted_label, predicted_id, confidence and 20 calibrated "
-    "prob_<group> columns. Each version's description and tags give its commit, config and "
+    "prob_<group> columns, plus prediction_set (a conformal set of groups) when the request "
+    "sets the param set_level. Each version's description and tags give its commit, config and "
     "test metrics; the alias `candidate` is the latest registration."
 )
 
@@ -182,17 +185,28 @@ def quiet_model_logging() -> Iterator[None]:
 
 
 def served_signature(scorer: Scorer) -> ModelSignature:
-    """The declared input schema, and the outputs inferred from scoring the input example."""
+    """The declared input schema, the outputs inferred from scoring the input example plus
+    the optional :data:`SET_COLUMN` (class names), and the inference param
+    :data:`LEVEL_PARAM` (a double; its default, null, means no sets)."""
     example = input_example()
     output = predictions_frame(scorer.probabilities(example["text"].tolist()), scorer.groups)
     with quiet_model_logging():
-        return ModelSignature(input_signature(), infer_signature(example, output).outputs)
+        inferred = infer_signature(example, output).outputs
+    outputs = Schema(
+        [*inferred.inputs, ColSpec(Array(DataType.string), SET_COLUMN, required=False)]
+    )
+    params = ParamSchema([ParamSpec(LEVEL_PARAM, DataType.double, None)])
+    return ModelSignature(input_signature(), outputs, params)
 
 
 def version_tags(
-    stage_tags: dict[str, str], calibration: str, metrics: dict[str, float]
+    stage_tags: dict[str, str],
+    calibration: str,
+    metrics: dict[str, float],
+    config: dict[str, Any] | None = None,
 ) -> dict[str, str]:
-    """A version's tags, from the stage run's tags, the calibration method and test metrics."""
+    """A version's tags, from the stage run's tags, the calibration method, test metrics and
+    the served sets' method and variant of ``serving.json`` (``config``)."""
     return {
         "git_commit": stage_tags["mlflow.source.git.commit"],
         "config": stage_tags["config"],
@@ -200,6 +214,7 @@ def version_tags(
         "pipeline_run": stage_tags["pipeline_run"],
         "calibration": calibration,
         **{k: f"{v:.4f}" for k, v in metrics.items()},
+        **{k: str(config[k]) for k in SERVING_KEYS if config and k in config},
     }
 
 

@@ -20,6 +20,7 @@ from markdown_it import MarkdownIt
 from pipeline.errors import PipelineError
 from pipeline.evaluation import RISK_COVERAGE_PNG, VARIANTS, VIEWS, Results
 from pipeline.metrics import N_BINS
+from pipeline.set_evaluation import SET_VIEW, served_scores
 
 TABLE_COLUMNS = (
     ("accuracy", "accuracy"),
@@ -139,6 +140,7 @@ def render_report(
         "",
         f"![risk-coverage](figures/{RISK_COVERAGE_PNG})",
     ]
+    lines += render_sets(results, models, models if figure_models is None else figure_models)
     if errors:
         lines += render_errors(errors, models)
     for model in models if figure_models is None else figure_models:
@@ -146,6 +148,45 @@ def render_report(
         for name in VIEWS:
             lines += ["", f"![{name.replace('_', '-')} {model}](figures/{model}/{name}.png)"]
     return "\n".join(lines) + "\n"
+
+
+def render_sets(results: Results, models: Sequence[str], figure_models: Sequence[str]) -> list[str]:
+    """The prediction-set section: per model, the served sets' scores at each level and
+    the set-size figure of each of ``figure_models``; nothing when no model has sets."""
+    with_sets = [m for m in models if m in results.sets]
+    if not with_sets:
+        return []
+    first = results.sets[with_sets[0]]
+    lines = [
+        "",
+        "## Prediction sets",
+        "",
+        f"Split conformal sets (`{first['method']}`, `{first['variant']}`: "
+        "`register.set_method`, `register.set_variant`), thresholds fitted on the validation "
+        "split: a set holds the true group of at least a `level` share of exchangeable "
+        "documents (docs/conformal.md). Coverage with its bootstrap 95% interval; the worst "
+        "class is the group with the lowest coverage. Every method and variant: "
+        "`reports/metrics_detail.json`.",
+    ]
+    for model in with_sets:
+        lines += [
+            "",
+            f"**{model}**",
+            "",
+            "| level | coverage | mean size | median size | singletons | empty | worst class |",
+            "|---:|---:|---:|---:|---:|---:|---|",
+        ]
+        for level, m in served_scores(results.sets[model]).items():
+            lines.append(
+                f"| {level} | {_num(m['coverage'])} [{_num(m['coverage_ci_low'])}, "
+                f"{_num(m['coverage_ci_high'])}] | {_num(m['mean_set_size'], 2)} | "
+                f"{_num(m['median_set_size'], 1)} | {_num(m['singleton_share'])} | "
+                f"{_num(m['empty_share'])} | {m['worst_class_name']} "
+                f"({_num(m['worst_class_coverage'])}) |"
+            )
+        if model in figure_models:
+            lines += ["", f"![set-size {model}](figures/{model}/{SET_VIEW}.png)"]
+    return lines
 
 
 def render_errors(errors: Mapping[str, Any], models: Sequence[str]) -> list[str]:

@@ -230,3 +230,33 @@ class MetricsRow(pa.DataFrameModel):
     @pa.dataframe_check(error="one row per model and variant")
     def unique_rows(cls, df: pd.DataFrame) -> Series[bool]:
         return ~df.duplicated(["model", "variant"], keep=False)
+
+
+class SetMetricsRow(pa.DataFrameModel):
+    """One score of the evaluate stage's prediction sets: a model, conformal method,
+    variant and level (:func:`pipeline.set_evaluation.score_sets`; the methods and variants
+    of :mod:`pipeline.conformal`, named here so that this module does not import it)."""
+
+    model: Series[str] = pa.Field(str_matches=NAME_PATTERN)
+    method: Series[str] = pa.Field(isin=["lac", "aps"])
+    variant: Series[str] = pa.Field(isin=["marginal", "mondrian"])
+    level: Series[float] = pa.Field(gt=0, lt=1)
+    coverage: Series[float] = pa.Field(ge=0, le=1)
+    coverage_ci_low: Series[float] = pa.Field(ge=0, le=1)
+    coverage_ci_high: Series[float] = pa.Field(ge=0, le=1)
+    mean_set_size: Series[float] = pa.Field(ge=0, le=NUM_CLASSES)
+    median_set_size: Series[float] = pa.Field(ge=0, le=NUM_CLASSES)
+    singleton_share: Series[float] = pa.Field(ge=0, le=1)
+    empty_share: Series[float] = pa.Field(ge=0, le=1)
+    worst_class_coverage: Series[float] = pa.Field(ge=0, le=1)
+
+    class Config:
+        strict = True
+
+    @pa.dataframe_check(error="coverage intervals must be ordered low <= high")
+    def ordered_intervals(cls, df: pd.DataFrame) -> Series[bool]:
+        return df["coverage_ci_low"] <= df["coverage_ci_high"]
+
+    @pa.dataframe_check(error="one row per model, method, variant and level")
+    def unique_rows(cls, df: pd.DataFrame) -> Series[bool]:
+        return ~df.duplicated(["model", "method", "variant", "level"], keep=False)

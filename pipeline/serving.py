@@ -11,7 +11,8 @@ tokens, then chunked by the fine-tuning collator
 (:class:`pipeline.encoder.collate.ClassifyCollator`) and scored by the loop that wrote the
 ``finetune`` predictions (:func:`pipeline.encoder.inference.predict_logits`), and bagged
 exactly like the ``wide`` stage does (:class:`pipeline.wide_model.WideModel`), so served
-logits equal the pipeline's ``blend`` logits.
+logits equal the pipeline's ``blend`` logits. A request with the inference param
+``set_level`` also gets each text's conformal prediction set (:mod:`pipeline.served_sets`).
 
 Serving imports neither Lightning, pandera nor torchmetrics (training and validation
 tools): the registered model's requirements are derived from what it imports
@@ -43,6 +44,7 @@ from mlflow.types.schema import AnyType, ColSpec, Schema
 
 from pipeline.domain import GROUPS, special_token_mismatch
 from pipeline.errors import PipelineError
+from pipeline.served_sets import SET_COLUMN, ServedSets, check_served, requested_level
 
 if TYPE_CHECKING:  # torch and scikit-learn load only when a model does
     from pipeline.calibration import Calibrator
@@ -103,8 +105,14 @@ def validate_texts(frame: Any, column: str = TEXT_COLUMN) -> list[str]:
     return texts
 
 
-def serving_config(classifier_config: dict[str, Any], batch_size: int) -> dict[str, Any]:
-    """``serving.json``: class names and how long documents are split, frozen at logging."""
+def serving_config(
+    classifier_config: dict[str, Any],
+    batch_size: int,
+    set_method: str | None = None,
+    set_variant: str | None = None,
+) -> dict[str, Any]:
+    """``serving.json``: class names, how long documents are split and which prediction
+    sets are served (none without ``set_method`` and ``set_variant``), frozen at logging."""
     missing = [k for k in LONG_DOC_KEYS if k not in classifier_config]
     if missing or classifier_config.get("architecture") != "Classifier":
         raise PipelineError(
@@ -120,6 +128,7 @@ def serving_config(classifier_config: dict[str, Any], batch_size: int) -> dict[s
         "max_len": classifier_config["model"]["max_len"],
         **{k: classifier_config[k] for k in LONG_DOC_KEYS},
         "batch_size": batch_size,
+        **({"set_method": set_method, "set_variant": set_variant} if set_method else {}),
     }
 
 
@@ -165,6 +174,7 @@ class Scorer:
     calibrator: Calibrator
     groups: tuple[str, ...]
     batch_size: int = 32
+    sets: ServedSets | None = None
 
     @classmethod
     def load(cls, files: ServedFiles, config: dict) -> Scorer:
@@ -211,21 +221,18 @@ class Scorer:
                     f"{files.wide}: vocabulary {wide.vocab_size} does not match the tokenizer's "
                     f"{vocab}"
                 )
-        calibrator = Calibrator.from_dict(json.loads(Path(files.calibrator).read_text("utf-8")))
+        calibrator_state = json.loads(Path(files.calibrator).read_text("utf-8"))
+        calibrator = Calibrator.from_dict(calibrator_state)
         if calibrator.num_classes != len(groups):
             raise PipelineError(
                 f"{files.calibrator}: calibrator for {calibrator.num_classes} classes"
             )
-        return cls(
-            tokenizer,
-            weights,
-            encoder,
-            collate,
-            wide,
-            calibrator,
-            groups,
-            int(config["batch_size"]),
-        )
+        try:
+            sets = ServedSets.load(calibrator_state, config)
+        except PipelineError as exc:
+            raise PipelineError(f"{files.calibrator}: {exc}") from None
+        batch = int(config["batch_size"])
+        return cls(tokenizer, weights, encoder, collate, wide, calibrator, groups, batch, sets)
 
     def token_ids(self, texts: Sequence[str]) -> list[np.ndarray]:
         """Whole documents, no special tokens: what the ``tokenize`` stage stores."""
@@ -263,8 +270,11 @@ class Scorer:
         return self.calibrator.predict_proba(self.logits(texts))
 
 
-def predictions_frame(probs: np.ndarray, groups: Sequence[str]) -> pd.DataFrame:
-    """The served answer: label, id, confidence and one probability column per class."""
+def predictions_frame(
+    probs: np.ndarray, groups: Sequence[str], sets: list[list[str]] | None = None
+) -> pd.DataFrame:
+    """The served answer: label, id, confidence and one probability column per class, then
+    :data:`SET_COLUMN` (each row's prediction set, class names) when ``sets`` is given."""
     ids = probs.argmax(axis=1)
     frame = pd.DataFrame(
         {
@@ -274,7 +284,10 @@ def predictions_frame(probs: np.ndarray, groups: Sequence[str]) -> pd.DataFrame:
         }
     )
     columns = pd.DataFrame(probs.astype(np.float64), columns=[prob_column(g) for g in groups])
-    return pd.concat([frame, columns], axis=1)
+    frame = pd.concat([frame, columns], axis=1)
+    if sets is not None:
+        frame[SET_COLUMN] = pd.Series(sets, dtype=object)
+    return frame
 
 
 def input_example() -> pd.DataFrame:
@@ -327,7 +340,8 @@ def bad_input(message: str) -> MlflowException:
 
 
 class NewsgroupsClassifier(mlflow.pyfunc.PythonModel):
-    """MLflow pyfunc: a DataFrame with a ``text`` column -> predictions_frame()."""
+    """MLflow pyfunc: a DataFrame with a ``text`` column -> predictions_frame(); the
+    inference param ``set_level`` adds the prediction sets at that level."""
 
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
         paths = context.artifacts
@@ -349,6 +363,10 @@ class NewsgroupsClassifier(mlflow.pyfunc.PythonModel):
     ) -> pd.DataFrame:
         try:
             texts = validate_texts(as_frame(model_input))
+            level = requested_level(params)
+            sets = None if level is None else check_served(self.scorer.sets, level)
         except ValueError as exc:  # a 400 with this message, not a 500 with a traceback
             raise bad_input(str(exc)) from None
-        return predictions_frame(self.scorer.probabilities(texts), self.scorer.groups)
+        probs = self.scorer.probabilities(texts)
+        labels = None if sets is None else sets.labels(probs, level, self.scorer.groups)
+        return predictions_frame(probs, self.scorer.groups, labels)

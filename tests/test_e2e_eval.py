@@ -39,6 +39,13 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 def _check_metrics(metrics: dict, detail: dict, n_test: int) -> None:
     assert set(metrics) == set(MODELS)  # headline numbers only: dvc exp show stays narrow
     assert detail["ece_bins"] == 15
+    for model in MODELS:  # prediction sets: two headline numbers, at 0.95 only
+        assert set(metrics[model]) == {*VARIANTS, "sets"}
+        sets = metrics[model]["sets"]
+        assert set(sets) == {"coverage_95", "mean_size_95"}
+        assert 0 <= sets["coverage_95"] <= 1 and 0 <= sets["mean_size_95"] <= 20
+        served = detail[model]["sets"]["scores"]["lac"]["marginal"]
+        assert set(served) == {"0.9", "0.95"} and served["0.95"]["coverage"] == sets["coverage_95"]
     for model, variant in itertools.product(MODELS, VARIANTS):
         m, d = metrics[model][variant], detail[model][variant]
         assert set(m) == HEADLINE
@@ -77,8 +84,15 @@ def test_smoke_pipeline_through_evaluate(smoke) -> None:
     _check_metrics(metrics, read_json(repo / "reports/metrics_detail.json"), n_test=60)
     assert read_json(repo / "reports/calibrate/baseline.json")["method"] == "temperature"
     figures = repo / "reports/figures"
-    for model, name in itertools.product(MODELS, PNGS):
+    for model, name in itertools.product(MODELS, (*PNGS, "set_size")):
         assert (figures / f"{model}/{name}.png").stat().st_size > 1000
+    assert "## Prediction sets" in (repo / "reports/report.md").read_text(encoding="utf-8")
+    calibrator = read_json(repo / "data/models/calibrator/baseline.json")
+    assert calibrator["conformal"]["levels"] == [0.9, 0.95]
+    assert set(read_json(repo / "reports/calibrate/baseline.json")["sets"]["fallback"]) == {
+        "0.9",
+        "0.95",
+    }
     assert (figures / "risk_coverage.png").is_file()
     report = (repo / "reports/report.md").read_text(encoding="utf-8")
     assert "15 equal-width bins" in report and "| baseline | temperature |" in report
@@ -94,7 +108,7 @@ def test_smoke_pipeline_through_evaluate(smoke) -> None:
     # report.md renders in a fresh clone: every image it links is committed beside it
     committed = set(run(["git", "ls-files", "reports"], repo).stdout.split())
     links = image_links(report)
-    assert len(links) == 1 + len(MODELS) * len(PNGS)
+    assert len(links) == 1 + len(MODELS) * (len(PNGS) + 1)  # + each model's set sizes
     assert {f"reports/{link}" for link in links} <= committed
     assert "reports/figures/blend/reliability.png" in committed
 
@@ -309,7 +323,7 @@ def check_plots(repo: Path) -> None:
     """`dvc plots show` with the project's templates, and the offline page of `make plots`."""
     shown = json.loads(dvc(repo, "plots", "show", "--json"))
     assert not shown.get("errors"), shown.get("errors")
-    per_model = {f"reports/plots/{kind}/{m}.json" for kind in VIEWS for m in MODELS}
+    per_model = {f"reports/plots/{kind}/{m}.json" for kind in (*VIEWS, "set_size") for m in MODELS}
     assert per_model | {
         "Pretraining loss",
         "Fine-tuning loss",

@@ -11,8 +11,10 @@ import pandas as pd
 import pytest
 import yaml
 
-from pipeline.calibration import TemperatureScaling, softmax
+from pipeline.calibration import Calibrator, TemperatureScaling, softmax
 from pipeline.config import compose, load_section
+from pipeline.conformal import ConformalState, fit_conformal, set_mask
+from pipeline.conformal_metrics import coverage
 from pipeline.domain import GROUPS, LOGIT_COLUMNS
 from pipeline.error_analysis import (
     confident_mistakes,
@@ -41,6 +43,9 @@ from pipeline.predictions import (
 )
 from pipeline.report import md_cell, render_report, report_html
 from pipeline.schemas import MetricsRow, Predictions, validate
+from pipeline.served_sets import STATE_KEY, read_state
+from pipeline.set_evaluation import SET_VIEW, score_sets, validate_set_rows, write_set_views
+from pipeline.set_fitting import fit_sets, out_of_fold_probs, sets_summary
 from pipeline.stages.baseline import BaselineParams, fit, logits_for
 from pipeline.stages.calibrate import CalibrateParams, calibrate_model
 from pipeline.stages.evaluate import EvaluateParams
@@ -202,6 +207,45 @@ def test_auto_reports_the_cv_table_and_picks_its_best() -> None:
     assert all(len(row["fold_nll"]) == 5 for row in report["cv"].values())
 
 
+def test_calibrate_fits_sets_on_cross_fitted_validation_rows() -> None:
+    docs = _docs(n_per_class=25)
+    _, logits, labels = split_arrays(_predictions(docs, scale=2.0), "validation")
+    params = _params(method="temperature")
+    calibrator, report = calibrate_model(logits, labels, params, seed=0)
+    method = report["method"]
+    assert method == "temperature" and params.set_levels == [0.9, 0.95]
+    oof = out_of_fold_probs(logits, labels, method, params.opts(method), params.folds, 0)
+    assert not np.allclose(oof, calibrator.predict_proba(logits))  # not the in-sample fit
+    np.testing.assert_array_equal(
+        oof, out_of_fold_probs(logits, labels, method, params.opts(method), params.folds, 0)
+    )
+    state = fit_sets(logits, labels, method, params.opts(method), params.set_levels, 5, 0)
+    assert state.to_dict() == fit_conformal(oof, labels, params.set_levels).to_dict()
+    assert state.levels == (0.9, 0.95) and state.n == len(labels)
+    assert state.fallback == ((), ())  # 25 rows per class: enough at 0.95
+    # what calibrate writes: the calibrator's keys unchanged, the thresholds beside them
+    saved = json.loads(json.dumps({**calibrator.to_dict(), STATE_KEY: state.to_dict()}))
+    assert Calibrator.from_dict(saved).to_dict() == calibrator.to_dict()
+    loaded = read_state(saved)
+    assert isinstance(loaded, ConformalState) and loaded.to_dict() == state.to_dict()
+    assert read_state(calibrator.to_dict()) is None  # a calibrator JSON without thresholds
+    summary = json.loads(json.dumps(sets_summary(state, GROUPS, method, 5)))
+    assert summary["levels"] == [0.9, 0.95]
+    assert summary["scored_with"] == "temperature, 5-fold cross-fit"
+    assert set(summary["thresholds"]) == {"lac", "aps"}
+    assert set(summary["fallback"]) == {"0.9", "0.95"}
+    assert summary["thresholds"]["lac"]["0.9"] <= summary["thresholds"]["lac"]["0.95"]
+    two = np.concatenate([np.flatnonzero(labels == c)[:2] for c in range(K)])  # per class
+    few = fit_sets(logits[two], labels[two], "none", {}, [0.95], 2, 0)
+    assert few.fallback == (tuple(range(K)),)
+    assert sets_summary(few, GROUPS, "none", 2)["fallback"]["0.95"] == list(GROUPS)
+    np.testing.assert_array_equal(
+        out_of_fold_probs(logits, labels, "none", {}, 5, 0), softmax(logits)
+    )
+    with pytest.raises(PipelineError, match="conformal sets: folds must lie in"):
+        out_of_fold_probs(logits[:3], labels[:3], method, {}, 5, 0)
+
+
 @pytest.mark.parametrize(
     ("values", "message"),
     [
@@ -212,6 +256,10 @@ def test_auto_reports_the_cv_table_and_picks_its_best() -> None:
         ({"folds": 1}, "calibrate.folds=1"),
         ({"options": {"vector": {"reg": -1}}}, "calibrate.options.vector.reg=-1"),
         ({"options": {"lasso": {}}}, "unknown key calibrate.options.lasso"),
+        ({"set_levels": [0.95, 0.9]}, "set_levels must be strictly increasing"),
+        ({"set_levels": [0.9, 0.9]}, "set_levels must be strictly increasing"),
+        ({"set_levels": [1.5]}, "calibrate.set_levels.0=1.5"),
+        ({"set_levels": []}, "calibrate.set_levels=[]"),
     ],
 )
 def test_invalid_calibrate_params(tmp_path: Path, values: dict, message: str) -> None:
@@ -283,6 +331,66 @@ def test_evaluate_scores_plots_and_reports(tmp_path: Path) -> None:
     acc = summary["calibrated"]["accuracy"]
     assert f"| m | temperature | {acc:.4f} [" in report  # a fraction, as in metrics.json
     assert "%" not in report.split("| model |")[1]  # no percentages in the table
+
+
+def test_evaluate_scores_prediction_sets(tmp_path: Path) -> None:
+    docs = _docs(n_per_class=25)
+    preds = _predictions(docs, scale=2.0)
+    _, val_logits, val_labels = split_arrays(preds, "validation")
+    calibrator, _ = calibrate_model(val_logits, val_labels, _params(method="temperature"), 0)
+    state = fit_sets(val_logits, val_labels, "temperature", {}, [0.9, 0.95], 5, 0)
+    _, logits, labels = split_arrays(preds, "test")
+    probs, summary = evaluate_model(logits, labels, calibrator, n_boot=20, seed=0)
+    choice = default_section("register").model_copy(update={"set_method": "aps"})
+    sets = score_sets(probs["calibrated"], labels, state, choice, 20, 0, GROUPS)
+    assert (sets["method"], sets["variant"]) == ("aps", "marginal")
+    assert set(sets["fallback"]) == {"0.9", "0.95"}
+    for method in ("lac", "aps"):
+        for variant in ("marginal", "mondrian"):
+            by_level = sets["scores"][method][variant]
+            assert set(by_level) == {"0.9", "0.95"}
+            for level, m in by_level.items():
+                mask = set_mask(probs["calibrated"], state, float(level), method, variant)
+                assert m["coverage"] == coverage(mask, labels)
+                assert m["coverage_ci_low"] <= m["coverage"] <= m["coverage_ci_high"]
+                assert m["worst_class_name"] == GROUPS[m["worst_class"]]
+                assert m["mean_set_size"] == mask.sum(axis=1).mean()
+    served = sets["scores"]["aps"]["marginal"]
+    assert served["0.9"]["mean_set_size"] <= served["0.95"]["mean_set_size"]  # nested sets
+
+    head, rest = split_summary(summary)
+    results = Results(20, metrics={"m": head}, detail={"m": rest}, methods={"m": "temperature"})
+    results.add_sets("m", sets)
+    before = json.loads(json.dumps(split_summary(summary)[0]))
+    # the existing keys stay as they were; the headline adds two numbers at 0.95 only
+    assert {k: v for k, v in results.metrics["m"].items() if k != "sets"} == before
+    assert results.metrics["m"]["sets"] == {
+        "coverage_95": served["0.95"]["coverage"],
+        "mean_size_95": served["0.95"]["mean_set_size"],
+    }
+    assert results.detail["m"]["sets"] is sets
+    validate_set_rows(results.sets, "metrics_detail.json")
+    bad = {
+        "m": {**sets, "scores": {"lac": {"marginal": {"0.9": {**served["0.9"], "coverage": 2}}}}}
+    }
+    with pytest.raises(PipelineError, match="SetMetricsRow"):
+        validate_set_rows(bad, "metrics_detail.json")
+
+    write_set_views(
+        tmp_path / "plots", tmp_path / "figures", "m", probs["calibrated"], state, choice
+    )
+    rows = json.loads((tmp_path / f"plots/{SET_VIEW}/m.json").read_text())
+    assert {r["level"] for r in rows} == {"0.9", "0.95"} and {r["model"] for r in rows} == {"m"}
+    assert sum(r["documents"] for r in rows if r["level"] == "0.95") == len(labels)
+    assert (tmp_path / f"figures/m/{SET_VIEW}.png").stat().st_size > 1000
+    report = render_report(results, ["m"])
+    assert "## Prediction sets" in report and f"![set-size m](figures/m/{SET_VIEW}.png)" in report
+    cov = served["0.95"]["coverage"]
+    assert f"| 0.95 | {cov:.4f} [" in report and served["0.95"]["worst_class_name"] in report
+    assert "## Prediction sets" not in render_report(
+        Results(20, metrics={"m": head}, detail={"m": rest}, methods={"m": "temperature"}), ["m"]
+    )
+    assert f"figures/m/{SET_VIEW}.png" not in render_report(results, ["m"], figure_models=[])
 
 
 def test_error_analysis_finds_confident_mistakes_and_disagreements() -> None:

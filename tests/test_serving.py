@@ -29,6 +29,7 @@ from pipeline.calibration import fit_calibrator
 from pipeline.domain import GROUPS, LOGIT_COLUMNS
 from pipeline.encoder.trainer import FitOptions
 from pipeline.encoder.training_stage import FinetunePaths
+from pipeline.served_sets import SET_COLUMN, STATE_KEY
 from pipeline.serving import (
     Scorer,
     ServedFiles,
@@ -37,6 +38,7 @@ from pipeline.serving import (
     serving_config,
     validate_texts,
 )
+from pipeline.set_fitting import fit_sets
 from pipeline.stages.finetune import train_classifier as finetune
 from pipeline.tokenization import train_tokenizer
 from tests.helpers import (
@@ -64,6 +66,8 @@ FINETUNE = {
     "max_chunks": 3,
 }
 WIDE = {"C": 1.0, "bigram_buckets": 256}  # served logits include hashed bigrams
+LEVELS = (0.9, 0.95)  # conformal levels of the blend's calibrator
+SERVED_METHOD = "aps"  # register.set_method of the test project (not the default)
 
 
 def post(group: int, k: int) -> str:
@@ -146,12 +150,12 @@ def build_project(root: Path) -> None:
     (root / "data/predictions/blend").mkdir(parents=True)
     table.to_parquet(root / "data/predictions/blend/predictions.parquet", index=False)
     val = table[table["split"] == "validation"]
-    calibrator = fit_calibrator(
-        "temperature", val[list(LOGIT_COLUMNS)].to_numpy(), val["label"].to_numpy(), 0
-    )
+    val_logits, val_labels = val[list(LOGIT_COLUMNS)].to_numpy(), val["label"].to_numpy()
+    calibrator = fit_calibrator("temperature", val_logits, val_labels, 0)
+    state = fit_sets(val_logits, val_labels, "temperature", {}, LEVELS, 3, 0)  # as calibrate
     (root / "data/models/calibrator").mkdir(parents=True)
     (root / "data/models/calibrator/blend.json").write_text(
-        json.dumps(calibrator.to_dict()), encoding="utf-8"
+        json.dumps({**calibrator.to_dict(), STATE_KEY: state.to_dict()}), encoding="utf-8"
     )
     # what evaluate reports for the blend (register describes the version with it)
     (root / "reports").mkdir(exist_ok=True)
@@ -163,7 +167,7 @@ def build_project(root: Path) -> None:
     params = params_with(
         seed=0,
         tracking={"enabled": True, "uri": None, "experiment": "newsgroups-pipeline"},
-        register={"model_name": NAME, "batch_size": 8},
+        register={"model_name": NAME, "batch_size": 8, "set_method": SERVED_METHOD},
     )
     (root / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
 
@@ -216,7 +220,9 @@ def files(project: Path) -> ServedFiles:
 def scorer(project: Path) -> Scorer:
     from pipeline.encoder.model import load_model_files
 
-    config = serving_config(load_model_files(project / "data/models/classifier")[0], 8)
+    config = serving_config(
+        load_model_files(project / "data/models/classifier")[0], 8, "lac", "marginal"
+    )
     return Scorer.load(files(project), config)
 
 
@@ -305,6 +311,85 @@ def test_scorer_reproduces_the_pipeline_blend_logits(project: Path) -> None:
     assert (frame["predicted_id"] == blend.argmax(1)).all()
 
 
+def sets_text(project: Path) -> pd.DataFrame:
+    return pd.DataFrame({"text": pd.Series(split_texts(project, "test"), dtype=object)})
+
+
+def test_served_signature_declares_the_set_level_param(project: Path) -> None:
+    from pipeline.registry import served_signature
+
+    signature = served_signature(scorer(project))
+    assert signature.params.to_dict() == [
+        {"name": "set_level", "type": "double", "default": None, "shape": None}
+    ]
+    outputs = signature.outputs.inputs
+    names = [c.name for c in outputs]
+    assert names == ["predicted_label", "predicted_id", "confidence", *PROB_COLUMNS, SET_COLUMN]
+    assert outputs[-1].to_dict() == {
+        "type": "array",
+        "items": {"type": "string"},
+        "name": SET_COLUMN,
+        "required": False,
+    }
+    assert all(c.required for c in outputs[:-1])
+
+
+def test_pyfunc_sets_are_off_by_default_nested_and_checked(project: Path) -> None:
+    from dataclasses import replace
+
+    from mlflow.exceptions import MlflowException
+
+    from pipeline.served_sets import NO_SETS
+    from pipeline.serving import NewsgroupsClassifier
+
+    model = NewsgroupsClassifier()
+    model.scorer = scorer(project)
+    frame = sets_text(project)
+    plain = model.predict(None, frame)
+    assert list(plain.columns) == ["predicted_label", "predicted_id", "confidence", *PROB_COLUMNS]
+    sets = {level: model.predict(None, frame, {"set_level": level}) for level in LEVELS}
+    for answer in sets.values():
+        pd.testing.assert_frame_equal(answer.drop(columns=[SET_COLUMN]), plain)
+    small, large = sets[0.9][SET_COLUMN], sets[0.95][SET_COLUMN]
+    assert all(set(a) <= set(b) for a, b in zip(small, large, strict=True))
+    probs = plain[PROB_COLUMNS].to_numpy()
+    for row, labels in zip(probs, large, strict=True):  # most probable first
+        ranked = [row[GROUPS.index(g)] for g in labels]
+        assert ranked == sorted(ranked, reverse=True) and set(labels) <= set(GROUPS)
+    cases = {
+        0.8: "set_level: level 0.8 was not fitted (fitted levels: 0.9, 0.95)",
+        1.5: "set_level must lie in (0, 1), got 1.5",
+        0.0: "set_level must lie in (0, 1), got 0.0",
+        "0.9": "set_level must be a number in (0, 1), got '0.9'",
+    }
+    for level, message in cases.items():
+        with pytest.raises(MlflowException) as info:
+            model.predict(None, frame, {"set_level": level})
+        assert info.value.message == message
+    model.scorer = replace(model.scorer, sets=None)  # e.g. a calibrator without thresholds
+    with pytest.raises(MlflowException, match=NO_SETS):
+        model.predict(None, frame, {"set_level": 0.9})
+    pd.testing.assert_frame_equal(model.predict(None, frame, {"set_level": None}), plain)
+
+
+def test_a_calibrator_without_thresholds_still_serves(project: Path, tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from pipeline.encoder.model import load_model_files
+
+    state = json.loads((project / "data/models/calibrator/blend.json").read_text())
+    old = {k: v for k, v in state.items() if k != STATE_KEY}
+    (tmp_path / "blend.json").write_text(json.dumps(old), encoding="utf-8")
+    config = serving_config(load_model_files(project / "data/models/classifier")[0], 8)
+    assert "set_method" not in config  # no sets asked for: serving.json as before
+    loaded = Scorer.load(replace(files(project), calibrator=tmp_path / "blend.json"), config)
+    assert loaded.sets is None
+    texts = split_texts(project, "test")
+    np.testing.assert_array_equal(loaded.probabilities(texts), scorer(project).probabilities(texts))
+    full = scorer(project)
+    assert full.sets is not None and full.sets.state.levels == LEVELS
+
+
 @pytest.mark.slow
 def test_served_requirements_are_what_loading_the_model_imports(derived: tuple) -> None:
     """Loading and predicting needs torch, tokenizers and scikit-learn, never the training
@@ -367,6 +452,7 @@ def test_register_logs_a_run_and_a_registry_version(
     assert "accuracy 0.9000, ECE 0.0300, NLL 0.4000" in version.description
     assert version.tags["test_accuracy"] == "0.9000" and version.tags["test_ece"] == "0.0300"
     assert version.tags["config"] == "default" and version.tags["calibration"] == "temperature"
+    assert (version.tags["set_method"], version.tags["set_variant"]) == (SERVED_METHOD, "marginal")
     assert version.tags["git_commit"] == "unknown"  # the test project is no git repo
     assert client.get_registered_model(NAME).description.startswith("20 Newsgroups classifier")
     logged = client.get_logged_model(registered["logged_model_uri"].removeprefix("models:/"))
@@ -511,6 +597,14 @@ def test_served_model_answers_over_http(server: str, project: Path, payload: dic
         ({"inputs": {"text": []}}, "no rows"),
         ({"instances": [{"text": None}]}, "row 0: expected a string, got missing (NoneType)"),
         ({"dataframe_records": [{"text": "x"}, {"text": ""}]}, "row 1: empty text"),
+        (
+            {"inputs": {"text": ["fine"]}, "params": {"set_level": 0.8}},
+            "set_level: level 0.8 was not fitted (fitted levels: 0.9, 0.95)",
+        ),
+        (
+            {"inputs": {"text": ["fine"]}, "params": {"set_level": 1.5}},
+            "set_level must lie in (0, 1), got 1.5",
+        ),
     ],
     ids=[
         "empty",
@@ -523,6 +617,8 @@ def test_served_model_answers_over_http(server: str, project: Path, payload: dic
         "inputs-none",
         "instances-null",
         "records-empty",
+        "set-level-not-fitted",
+        "set-level-out-of-range",
     ],
 )
 def test_bad_requests_get_a_one_line_400(server: str, payload: dict, message: str) -> None:
@@ -533,6 +629,27 @@ def test_bad_requests_get_a_one_line_400(server: str, payload: dict, message: st
     assert message in body["message"] and "\n" not in body["message"], body["message"]
     assert "Failed to predict" not in body["message"]  # the request is not echoed back
     assert "stack_trace" not in body and "Traceback" not in response.text
+
+
+def test_served_sets_over_http_nest_and_are_off_by_default(server: str, project: Path) -> None:
+    from pipeline.served_sets import ServedSets
+
+    texts = split_texts(project, "test")
+    split = {"columns": ["text"], "data": [[t] for t in texts]}
+    plain = invoke(server, {"dataframe_split": split})
+    assert plain.status_code == 200, plain.text
+    assert all(SET_COLUMN not in row for row in plain.json()["predictions"])
+    sets = {}
+    for level in LEVELS:
+        response = invoke(server, {"dataframe_split": split, "params": {"set_level": level}})
+        assert response.status_code == 200, response.text
+        sets[level] = [row[SET_COLUMN] for row in response.json()["predictions"]]
+    assert all(set(a) <= set(b) for a, b in zip(sets[0.9], sets[0.95], strict=True))
+    served = scorer(project).sets
+    assert served is not None
+    expected = ServedSets(served.state, SERVED_METHOD, "marginal")  # register.set_method
+    probs = scorer(project).probabilities(texts)
+    assert sets[0.95] == expected.labels(probs, 0.95, GROUPS)
 
 
 # -------------------------------------------------------------------------- batch CLI
@@ -567,6 +684,36 @@ def test_predict_cli_scores_a_csv(registered: dict, store: str, project: Path) -
     np.testing.assert_allclose(
         out[PROB_COLUMNS].to_numpy(), scorer(project).probabilities(texts), atol=1e-6
     )
+
+
+def test_predict_cli_adds_prediction_sets(registered: dict, store: str, tmp_path: Path) -> None:
+    texts = [post(g, 901) for g in (0, 7, 19)]
+    pd.DataFrame({"id": ["a", "b", "c"], "text": texts}).to_csv(tmp_path / "in.csv", index=False)
+    model = ("--model", f"models:/{NAME}/1", "--input", "in.csv")
+    proc = predict_cli(tmp_path, store, *model, "--output", "out.jsonl", "--set-level", "0.95")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = pd.read_json(tmp_path / "out.jsonl", lines=True)
+    columns = ["id", "predicted_label", "predicted_id", "confidence", *PROB_COLUMNS, SET_COLUMN]
+    assert list(out.columns) == columns
+    assert all(isinstance(s, list) and set(s) <= set(GROUPS) for s in out[SET_COLUMN])
+    cases = {
+        "0.8": "error: set_level: level 0.8 was not fitted (fitted levels: 0.9, 0.95)",
+        "1.5": "error: set_level must lie in (0, 1), got 1.5",
+    }
+    for level, message in cases.items():
+        proc = predict_cli(tmp_path, store, *model, "--output", "o.csv", "--set-level", level)
+        assert proc.returncode == 1 and proc.stderr.strip() == message
+        assert not (tmp_path / "o.csv").exists()
+
+
+def test_predict_writes_sets_as_json_lists_in_csv(tmp_path: Path) -> None:
+    from pipeline.tools.predict import write_predictions
+
+    frame = pd.DataFrame({"predicted_id": [1, 2], SET_COLUMN: [["sci.med", "sci.space"], []]})
+    write_predictions(frame, tmp_path / "out.csv")
+    cells = pd.read_csv(tmp_path / "out.csv")[SET_COLUMN].map(json.loads).tolist()
+    assert cells == [["sci.med", "sci.space"], []]
+    assert frame[SET_COLUMN].tolist() == [["sci.med", "sci.space"], []]  # left as it was
 
 
 @pytest.mark.slow

@@ -59,7 +59,18 @@ def test_baseline_calibrate_evaluate_succeed(workdir: Path) -> None:
     metrics = json.loads((workdir / "reports/metrics.json").read_text())
     detail = json.loads((workdir / "reports/metrics_detail.json").read_text())
     assert detail["ece_bins"] == 15 and detail["baseline"]["calibrated"]["n"] == 60
-    assert set(metrics["baseline"]) == {"uncalibrated", "calibrated"}
+    assert set(metrics["baseline"]) == {"uncalibrated", "calibrated", "sets"}
+    assert set(metrics["baseline"]["sets"]) == {"coverage_95", "mean_size_95"}
+    calibrator = json.loads((workdir / "data/models/calibrator/baseline.json").read_text())
+    assert calibrator["conformal"]["levels"] == [0.9, 0.95] and calibrator["method"]
+    sets = json.loads((workdir / "reports/calibrate/baseline.json").read_text())["sets"]
+    assert sets["scored_with"].endswith("5-fold cross-fit") and set(sets["thresholds"]) == {
+        "lac",
+        "aps",
+    }
+    assert (workdir / "reports/plots/set_size/baseline.json").is_file()
+    assert (workdir / "reports/figures/baseline/set_size.png").stat().st_size > 1000
+    assert "## Prediction sets" in (workdir / "reports/report.md").read_text()
     assert (workdir / "reports/figures/baseline/reliability.png").stat().st_size > 1000
     assert "baseline" in (workdir / "reports/report.md").read_text()
     assert not list(workdir.rglob("*.tmp"))
@@ -136,6 +147,22 @@ def test_predictions_on_other_documents(workdir: Path) -> None:
         "test document",
         before=before,
     )
+
+
+@pytest.mark.slow
+def test_calibrate_thresholds_never_read_test_rows(workdir: Path) -> None:
+    """Changing every test row's logits leaves the calibrator and its thresholds as they were."""
+    calibrator = workdir / "data/models/calibrator/baseline.json"
+    assert run_stage("calibrate", workdir, "baseline").returncode == 0
+    before = calibrator.read_bytes()
+    assert b'"conformal"' in before
+    path = workdir / "data/predictions/baseline/predictions.parquet"
+    preds = pd.read_parquet(path)
+    test = preds["split"] == "test"
+    preds.loc[test, list(LOGIT_COLUMNS)] = preds.loc[test, list(LOGIT_COLUMNS)].to_numpy()[::-1]
+    preds.to_parquet(path, index=False)
+    assert run_stage("calibrate", workdir, "baseline").returncode == 0
+    assert calibrator.read_bytes() == before
 
 
 def test_corrupt_predictions_schema(workdir: Path) -> None:

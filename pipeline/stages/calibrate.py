@@ -6,24 +6,30 @@ DVC runs it once per model of ``calibrate.models`` (stages ``calibrate@<model>``
 .parquet``, fits ``calibrate.method`` on the validation rows (the test rows are never
 read here) and saves the calibrator as JSON. ``method: auto`` compares
 ``calibrate.auto_methods`` by stratified K-fold cross-validated NLL on the validation
-split and refits the winner on all of it.
+split and refits the winner on all of it. Conformal thresholds at ``calibrate.set_levels``
+are then fitted on the validation rows scored by that method cross-fitted over
+``calibrate.folds`` (:mod:`pipeline.set_fitting`).
 
-Outputs: ``data/models/calibrator/<model>.json`` (:meth:`Calibrator.to_dict`) and
-``reports/calibrate/<model>.json`` (method, validation NLL/ECE before and after, CV table).
+Outputs: ``data/models/calibrator/<model>.json`` (:meth:`Calibrator.to_dict`, plus the
+thresholds under :data:`pipeline.served_sets.STATE_KEY`) and
+``reports/calibrate/<model>.json`` (method, validation NLL/ECE before and after, CV table,
+the thresholds and the classes whose Mondrian threshold falls back to the marginal one).
 MLflow: one run per model, ``calibrate/<model>``.
 """
 
 from __future__ import annotations
 
 import sys
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 from pydantic import Field, field_validator
 
 from pipeline import paths
 from pipeline.calibration import Calibrator, fit_calibrator, select_auto, softmax
+from pipeline.calibration.options import CalibrateOptions
 from pipeline.config import Section, load_section, load_seed
+from pipeline.domain import GROUPS
 from pipeline.errors import PipelineError, run_stage
 from pipeline.io import atomic_outputs, write_json
 from pipeline.metrics import ece, nll
@@ -33,48 +39,14 @@ from pipeline.predictions import (
     read_documents,
     split_arrays,
 )
+from pipeline.served_sets import STATE_KEY
+from pipeline.set_fitting import fit_sets, sets_summary
 from pipeline.tracking import StageRun, split_report
 
 Method = Literal[
     "temperature", "ets", "temperature_platt", "vector", "matrix", "histogram", "isotonic", "none"
 ]
 MethodOrAuto = Literal[Method, "auto"]
-
-
-class ScalingOptions(Section):
-    """Options of vector and matrix scaling."""
-
-    reg: float = Field(ge=0.0, description="L2 penalty toward no change.")
-    max_iter: int = Field(ge=1, description="L-BFGS iterations.")
-
-
-class TemperatureOptions(Section):
-    """Options of temperature scaling."""
-
-    max_iter: int = Field(ge=1, description="L-BFGS iterations.")
-
-
-class IterOptions(Section):
-    """Options of a method fitted by L-BFGS."""
-
-    max_iter: int = Field(ge=1, description="L-BFGS iterations.")
-
-
-class HistogramOptions(Section):
-    """Options of histogram binning."""
-
-    n_bins: int = Field(ge=1, le=1000, description="Equal-width confidence bins.")
-
-
-class CalibrateOptions(Section):
-    """Per-method options, passed to :func:`pipeline.calibration.fit_calibrator`."""
-
-    temperature: TemperatureOptions = Field(description="temperature scaling")
-    ets: IterOptions = Field(description="ensemble temperature scaling")
-    temperature_platt: IterOptions = Field(description="temperature, then a Platt map")
-    vector: ScalingOptions = Field(description="vector scaling")
-    matrix: ScalingOptions = Field(description="matrix scaling")
-    histogram: HistogramOptions = Field(description="histogram binning")
 
 
 class CalibrateParams(Section):
@@ -94,9 +66,17 @@ class CalibrateParams(Section):
         min_length=1, description="The methods method=auto chooses from."
     )
     folds: int = Field(
-        ge=2, description="Stratified folds of the validation split for method=auto."
+        ge=2,
+        description="Stratified folds of the validation split, for method=auto and for the "
+        "cross-fitted calibrator that scores the validation rows of the prediction sets.",
     )
     options: CalibrateOptions = Field(description="Per-method options")
+    set_levels: list[Annotated[float, Field(gt=0.0, lt=1.0)]] = Field(
+        min_length=1,
+        description="Coverage levels of the conformal prediction sets, fitted on the "
+        "validation split scored by the calibrator cross-fitted over `folds`: each in (0, 1), "
+        "strictly increasing (docs/conformal.md).",
+    )
 
     @field_validator("models")
     @classmethod
@@ -107,6 +87,13 @@ class CalibrateParams(Section):
         if len(set(models)) != len(models):
             raise ValueError("model names must be unique")
         return models
+
+    @field_validator("set_levels")
+    @classmethod
+    def _levels(cls, levels: list[float]) -> list[float]:
+        if levels != sorted(set(levels)):
+            raise ValueError(f"set_levels must be strictly increasing, got {levels}")
+        return levels
 
     def opts(self, method: str) -> dict[str, Any]:
         """The options of ``method`` (none for a method without a section)."""
@@ -168,10 +155,15 @@ def main() -> None:
         f"{report['validation_nll_before']:.4f} -> {report['validation_nll_after']:.4f} "
         "(in-sample)"
     )
+    method = report["method"]
+    state = fit_sets(
+        logits, labels, method, params.opts(method), params.set_levels, params.folds, seed
+    )
+    report["sets"] = sets_summary(state, GROUPS, method, params.folds)
     calibrator_file = paths.calibrator_file(model)
     report_file = paths.model_report("calibrate", model)
     with atomic_outputs() as out:
-        write_json(out.file(calibrator_file), calibrator.to_dict())
+        write_json(out.file(calibrator_file), {**calibrator.to_dict(), STATE_KEY: state.to_dict()})
         write_json(out.file(report_file), report)
     print(f"calibrate: {model} -> {calibrator_file}, {report_file}")
     headline = {f"validation_{name}_after": f"val_{name}" for name in ("nll", "ece")}

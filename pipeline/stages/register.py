@@ -24,7 +24,7 @@ from typing import Any
 from pydantic import Field
 
 from pipeline import paths
-from pipeline.config import Section, load_section
+from pipeline.config import load_section
 from pipeline.domain import NAME_PATTERN
 from pipeline.errors import run_stage
 from pipeline.io import atomic_outputs, write_json
@@ -43,6 +43,7 @@ from pipeline.registry import (
     version_tags,
 )
 from pipeline.serving import Scorer, ServedFiles, read_blend, serving_config
+from pipeline.set_params import SetChoice
 from pipeline.tracking import StageRun
 
 FILES = ServedFiles(
@@ -55,8 +56,8 @@ FILES = ServedFiles(
 REPORT = paths.stage_report("register")
 
 
-class RegisterParams(Section):
-    """Section ``register`` of params.yaml."""
+class RegisterParams(SetChoice):
+    """Section ``register`` of params.yaml (with the served sets of :class:`SetChoice`)."""
 
     model_name: str = Field(
         pattern=NAME_PATTERN, description="The production name in the model registry."
@@ -89,13 +90,15 @@ def main() -> None:
         write_report({"model_name": params.model_name, "registered": False, "reason": reason})
         print(f"register: tracking disabled, nothing registered; wrote {REPORT}")
         return
-    config = serving_config(classifier_config, params.batch_size)
+    config = serving_config(
+        classifier_config, params.batch_size, params.set_method, params.set_variant
+    )
     test_metrics = served_metrics()
     texts = sample_texts()
     signature = served_signature(Scorer.load(FILES, config))
     inputs = input_digests(FILES)  # tags of the run, not part of the report
     name = registered_name(params.model_name, params.production, tracking.params.config)
-    tags = version_tags(tracking.tags(), calibration_method(FILES), test_metrics)
+    tags = version_tags(tracking.tags(), calibration_method(FILES), test_metrics, config)
     description = version_description(name, test_metrics, tags, read_blend(FILES.blend))
     version = Version(name, tags, description, test_metrics)
     logged = log_served_model(

@@ -10,8 +10,10 @@ URIs are looked up in ``MLFLOW_TRACKING_URI``, else ``--tracking-uri``, else the
 store (the same resolution as the stages). Input: ``.csv`` / ``.jsonl`` with a ``text``
 column (``--column``), or ``.txt`` with one text per line. Output (``.csv`` or ``.jsonl``):
 the input's other columns, then ``predicted_label``, ``predicted_id``, ``confidence`` and
-``prob_<group>``. The input is checked before the model is loaded, so a bad file fails
-in a second with one ``error:`` line.
+``prob_<group>``; with ``--set-level 0.95`` also ``prediction_set``, the conformal set of
+groups at that level (most probable first; a JSON list in a ``.csv`` cell). The input and
+the level are checked before the model is loaded, so a bad file fails in a second with
+one ``error:`` line.
 """
 
 from __future__ import annotations
@@ -26,8 +28,10 @@ import pandas as pd
 from mlflow.exceptions import MlflowException
 
 from pipeline import paths
+from pipeline.conformal import check_level
 from pipeline.errors import PipelineError, first_line, run_stage
 from pipeline.io import atomic_outputs
+from pipeline.served_sets import LEVEL_PARAM, NO_SETS, SET_COLUMN
 from pipeline.serving import TEXT_COLUMN, validate_texts
 from pipeline.tracking import resolve_uri
 
@@ -88,12 +92,18 @@ def load_model(uri: str, tracking_uri: str | None) -> mlflow.pyfunc.PyFuncModel:
         raise PipelineError(f"cannot load model {uri}: {first_line(exc)}") from None
 
 
-def score(model: mlflow.pyfunc.PyFuncModel, frame: pd.DataFrame) -> pd.DataFrame:
-    """Predictions next to the input's other columns (the text itself is left out)."""
+def score(
+    model: mlflow.pyfunc.PyFuncModel, frame: pd.DataFrame, set_level: float | None = None
+) -> pd.DataFrame:
+    """Predictions next to the input's other columns (the text itself is left out), with
+    the prediction sets at ``set_level`` when it is given."""
+    params = None if set_level is None else {LEVEL_PARAM: set_level}
     try:
-        preds = model.predict(frame[[TEXT_COLUMN]])
+        preds = model.predict(frame[[TEXT_COLUMN]], params=params)
     except MlflowException as exc:
         raise PipelineError(exc.message.strip().splitlines()[-1]) from None
+    if set_level is not None and SET_COLUMN not in preds:  # a model logged without sets
+        raise PipelineError(NO_SETS)
     rest = frame.drop(columns=[TEXT_COLUMN])
     return pd.concat([rest, preds.reset_index(drop=True)], axis=1)
 
@@ -102,6 +112,8 @@ def write_predictions(frame: pd.DataFrame, path: Path) -> None:
     with atomic_outputs() as out:
         tmp = out.file(path)
         if path.suffix == ".csv":
+            if SET_COLUMN in frame:  # one JSON list per cell, not Python's repr
+                frame = frame.assign(**{SET_COLUMN: frame[SET_COLUMN].map(json.dumps)})
             frame.to_csv(tmp, index=False)
         else:
             frame.to_json(tmp, orient="records", lines=True, force_ascii=False)
@@ -114,12 +126,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output", type=Path, required=True, help=".csv or .jsonl")
     parser.add_argument("--column", default=TEXT_COLUMN, help="text column of .csv/.jsonl")
     parser.add_argument("--tracking-uri", help="store of models:/ URIs (default: the project's)")
+    parser.add_argument(
+        "--set-level", type=float, help="add each text's prediction set at this fitted level"
+    )
     args = parser.parse_args(argv)
     if args.output.suffix not in OUTPUT_SUFFIXES:
         raise PipelineError(f"{args.output}: unsupported output type (use .csv or .jsonl)")
+    if args.set_level is not None:
+        try:
+            check_level(args.set_level, LEVEL_PARAM)
+        except ValueError as exc:
+            raise PipelineError(str(exc)) from None
     frame = read_texts(args.input, args.column)
     model_uri = args.model or default_model()
-    predictions = score(load_model(model_uri, args.tracking_uri), frame)
+    predictions = score(load_model(model_uri, args.tracking_uri), frame, args.set_level)
     write_predictions(predictions, args.output)
     counts = predictions["predicted_label"].value_counts().head(3).to_dict()
     print(f"predict: {len(predictions)} texts scored with {model_uri} -> {args.output} {counts}")

@@ -31,13 +31,13 @@ import pandas as pd
 import yaml
 
 from pipeline.calibration import METHODS, fit_calibrator, select_auto, softmax
+from pipeline.calibration.options import CalibrateOptions
 from pipeline.config import CONF_DIR
 from pipeline.domain import LOGIT_COLUMNS
 from pipeline.io import write_json
 from pipeline.metrics import accuracy, ece, ece_debiased, nll
 from pipeline.predictions import check_against_documents
 from pipeline.schemas import Predictions, validate
-from pipeline.stages.calibrate import CalibrateOptions
 
 OUT = Path("reports/bench/calibration.json")
 LOW_PARAMETER = ("temperature", "ets", "temperature_platt")
