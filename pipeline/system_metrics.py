@@ -6,16 +6,19 @@ NVIDIA GPU and the package are there) every ``SAMPLING_INTERVAL_S`` seconds
 to a run. :class:`Monitors` watches the training stage's own run and the parent run of
 the execution, whose steps continue from the last stage's (``resume_logging``), so its
 charts cover the whole execution. Stopping logs one closing sample, so a stage shorter
-than the interval still has one.
+than the interval still has one. ``MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING=false`` turns
+sampling off (the benchmark ``tests/bench/bench_system_metrics.py`` compares both).
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Sequence
 from typing import Any
 
 SAMPLING_INTERVAL_S = 5.0
+SWITCH_ENV = "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING"  # "false" or "0": no sampling
 TRAINING_STAGES = frozenset({"pretrain", "finetune", "wide"})  # their own runs get samples
 
 
@@ -29,6 +32,8 @@ class Monitors:
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
         self._monitors: list[Any] = []
+        if os.environ.get(SWITCH_ENV, "").lower() in ("false", "0"):
+            return
         for run_id, resume_logging in [(r, False) for r in run_ids] + [(r, True) for r in resume]:
             monitor = SystemMetricsMonitor(
                 run_id,
