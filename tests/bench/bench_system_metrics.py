@@ -28,13 +28,15 @@ def time_stage(project: Path, stage: str, store: Path, monitored: bool) -> float
     env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{store}")
     env[SWITCH] = "true" if monitored else "false"
     start = time.perf_counter()
-    subprocess.run(
+    proc = subprocess.run(
         [sys.executable, "-m", f"pipeline.stages.{stage}"],
         cwd=project,
         env=env,
-        check=True,
         capture_output=True,
+        text=True,
     )
+    if proc.returncode != 0:
+        raise SystemExit(f"{stage} failed in {project}:\n{proc.stderr[-3000:]}")
     return time.perf_counter() - start
 
 
