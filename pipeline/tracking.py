@@ -1,11 +1,12 @@
-"""MLflow tracking for every stage: one run per stage (one per model for ``evaluate``).
+"""MLflow tracking for every stage: one run per stage (one per model for ``evaluate``),
+each the child of one parent run per pipeline execution.
 
 Where runs go, in order: ``MLFLOW_TRACKING_URI``, the ``tracking.uri`` param, or a SQLite
 store in the project (``sqlite:///<project>/mlflow.db``, artifacts in
 ``<project>/mlartifacts``). Runs started by ``dvc exp run --temp`` / ``--queue`` execute in
 a copy under ``<project>/.dvc/tmp/exps/``; they still log to the project's store.
 
-What a run holds, so the UI tells the truth at a glance:
+What a stage run holds, so the UI tells the truth at a glance:
 
 - It is created when the stage starts (:class:`StageRun`) and completed by
   :meth:`StageRun.finish` when the stage's outputs are in place, so its duration is the
@@ -15,16 +16,21 @@ What a run holds, so the UI tells the truth at a glance:
   ``test_ece``, ``test_nll`` and a few more ``test_*``), logged with real timestamps at the
   stage's last step. Training curves are the rows of the DVC CSV curves, logged as they
   are made (:meth:`StageRun.curve_logger`). Counts go to params (``report.*``), digests
-  to tags (``input.*``), tables to artifacts.
+  to tags (``input.*``), tables to artifacts, the splits of the documents table to
+  dataset inputs (:mod:`pipeline.mlflow_datasets`); training stages get system metrics
+  (:mod:`pipeline.system_metrics`).
 - Tags: ``stage`` (and ``model``), ``config`` (the experiment config), ``dvc_exp_name``
   (in ``dvc exp run``), ``pipeline_run`` (shared by the stages of one execution on one
-  commit and config: the UI's *Group by* groups them), and MLflow's standard source tags
+  commit and config), ``mlflow.parentRunId`` and MLflow's standard source tags
   (``mlflow.source.git.commit``, ``mlflow.source.name``, ``mlflow.user``, ...). Run names
   carry the config and the DVC experiment: ``evaluate/blend (smoke, bushy-tins)``.
-  Stage runs are deliberately not nested under a parent run: MLflow 3.17's runs table
-  collapses a filtered list of children into their parent's row.
 
-Run names, tags and MLflow keys are computed by :mod:`pipeline.run_keys`.
+The parent run (:mod:`pipeline.parent_run`, tag ``stage=pipeline``) is the row of the
+execution: every param of ``params.yaml``, each stage's headline metrics as it finishes
+(``<model>/test_accuracy``, ... from ``evaluate``), the datasets, the system metrics of
+every stage in turn, and each stage's output hashes as ``output.<path>`` tags
+(:mod:`pipeline.output_digests`). Its status follows its children. Run names, tags and
+MLflow keys are computed by :mod:`pipeline.run_keys`.
 
 Tracking never changes DVC outputs: a stage logs its results only after its outputs are
 in place, and ``tracking`` is not a DVC param of any stage (switching it reruns nothing).
@@ -35,11 +41,10 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import json
 import logging
 import os
-import shutil
-import tempfile
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +54,18 @@ from pipeline import paths
 from pipeline.config import PARAMS_FILE, Section, load_section, read_params
 from pipeline.domain import NAME_PATTERN
 from pipeline.errors import PipelineError, first_line
+from pipeline.mlflow_datasets import dataset_inputs
+from pipeline.output_digests import output_tags
+from pipeline.parent_run import (
+    DEADLINE_S,
+    PARENT_STAGE,
+    attach,
+    ensure_experiment,
+    model_metrics,
+    retry,
+    settle,
+)
+from pipeline.run_artifacts import report_bundle
 from pipeline.run_keys import (
     finite_metrics,
     is_rank_zero,
@@ -62,8 +79,9 @@ from pipeline.run_keys import (
     source_tags,
     split_report,
 )
+from pipeline.system_metrics import TRAINING_STAGES, Monitors
 
-__all__ = [  # resolve_uri and split_report are re-exported for the stages and tools
+__all__ = [  # report_bundle, resolve_uri and split_report are re-exported for the stages
     "CurveSink",
     "StageRun",
     "TrackingParams",
@@ -119,6 +137,7 @@ class StageRun:
         self.params_path = Path(params_path)
         self.enabled = self.params.enabled and is_rank_zero(os.environ)
         self.run_ids: dict[str | None, str] = {}
+        self.models = list(models)
         if not self.enabled:
             return
         env = dict(os.environ)
@@ -126,15 +145,26 @@ class StageRun:
         self.root = project_root(Path.cwd(), env)
         self._client = self._connect()
         self._tags = self._stage_tags()
+        self.parent_id = attach(
+            self._client, self.experiment_id, self._tags["pipeline_run"], *self._parent_start()
+        )
         start = now_ms()
-        for model in list(models) or [None]:
-            run = self._client.create_run(
-                self.experiment_id,
-                start_time=start,
-                tags=self.tags() | ({"model": model} if model else {}),
-                run_name=run_name(stage, model, self.params.config, env.get("DVC_EXP_NAME", "")),
+        for model in self.models or [None]:
+            run = retry(
+                lambda model=model: self._client.create_run(
+                    self.experiment_id,
+                    start_time=start,
+                    tags=self.tags()
+                    | {"mlflow.parentRunId": self.parent_id}
+                    | ({"model": model} if model else {}),
+                    run_name=run_name(
+                        stage, model, self.params.config, env.get("DVC_EXP_NAME", "")
+                    ),
+                )
             )
             self.run_ids[model] = run.info.run_id
+        own = [self.run_ids[None]] if stage in TRAINING_STAGES else []
+        self._monitors = Monitors(self.uri, own, resume=[self.parent_id])
         _OPEN.append(self)
 
     @property
@@ -153,17 +183,16 @@ class StageRun:
             logging.getLogger(name).setLevel(logging.WARNING)
 
         client = MlflowClient(tracking_uri=self.uri)
+        location = None
+        if self.uri.startswith("sqlite:///") and not self.params.uri:
+            location = (self.root / "mlartifacts").as_uri()
+        # A busy SQLite store (queue workers) is retried; a server that does not answer
+        # fails now.
+        deadline = DEADLINE_S if self.uri.startswith("sqlite:") else 0.0
         try:
-            experiment = client.get_experiment_by_name(self.params.experiment)
-            if experiment is None:
-                location = None
-                if self.uri.startswith("sqlite:///") and not self.params.uri:
-                    location = (self.root / "mlartifacts").as_uri()
-                self.experiment_id = client.create_experiment(
-                    self.params.experiment, artifact_location=location
-                )
-            else:
-                self.experiment_id = experiment.experiment_id
+            self.experiment_id = ensure_experiment(
+                client, self.params.experiment, location, deadline
+            )
         except Exception as exc:  # mlflow raises many types for an unreachable store
             raise PipelineError(
                 f"MLflow tracking store {self.uri} is unreachable ({first_line(exc, 200)}); "
@@ -186,6 +215,43 @@ class StageRun:
         if exp_name:
             tags["dvc_exp_name"] = exp_name
         return tags
+
+    def _parent_start(self) -> tuple[dict[str, str], dict[str, str]]:
+        """Tags and params of a new parent run: the execution's tags, every param."""
+        exp_name = self._tags.get("dvc_exp_name", "")
+        tags = {
+            **self._tags,
+            "stage": PARENT_STAGE,
+            "mlflow.source.name": "dvc.yaml",
+            "mlflow.runName": run_name(PARENT_STAGE, None, self.params.config, exp_name),
+        }
+        return tags, scalar_params(read_params(self.params_path))
+
+    def _report_to_parent(self, metrics: list[Any], model: str | None) -> None:
+        """Give the parent this run's headline metrics and datasets and, once the stage's
+        last run ends, the hashes of its outputs."""
+        from mlflow.entities import Metric, RunTag  # deferred: see curve_logger
+
+        values = model_metrics({m.key: m.value for m in metrics}, model)
+        stamp = now_ms()
+        batch = [Metric(k, v, stamp, 0) for k, v in values.items()]
+        tags = []
+        if len(self.run_ids) == 1:
+            item = self.models[0] if len(self.models) == 1 else None
+            outputs = output_tags(Path.cwd(), self.stage, item)
+            tags = [RunTag(k, v) for k, v in outputs.items()]
+        if batch or tags:
+            retry(lambda: self._client.log_batch(self.parent_id, metrics=batch, tags=tags))
+        self._log_datasets(self.parent_id)
+
+    def _log_datasets(self, run_id: str) -> None:
+        """Link the splits of the documents table (``reports/data.json``) to a run."""
+        report = paths.stage_report("data")
+        entries = None
+        if report.is_file():
+            entries = json.loads(report.read_text(encoding="utf-8")).get("datasets")
+        if entries:
+            retry(lambda: self._client.log_inputs(run_id, datasets=dataset_inputs(entries)))
 
     def tags(self, inputs: Mapping[str, str] | None = None) -> dict[str, str]:
         """The tags of every run of this stage (``inputs``: digests of what it read)."""
@@ -272,63 +338,51 @@ class StageRun:
         values = [Metric(k, v, stamp, step) for k, v in finite_metrics(metrics or {}).items()]
         digests = {f"input.{name}": digest for name, digest in (inputs or {}).items()}
         tag_list = [RunTag(k, str(v)) for k, v in {**digests, **(tags or {})}.items()]
-        if tag_list:
-            self._client.log_batch(run_id, tags=tag_list)
-        for i in range(0, max(len(param_list), len(values), 1), BATCH):
-            self._client.log_batch(
-                run_id, metrics=values[i : i + BATCH], params=param_list[i : i + BATCH]
+        self._monitors.stop()
+        self._log(run_id, tag_list, param_list, values, artifacts)
+        self._report_to_parent(values, model)
+        retry(lambda: self._client.set_terminated(run_id, "FINISHED"))
+        del self.run_ids[model]
+        if not self.run_ids and self in _OPEN:
+            _OPEN.remove(self)
+        settle(self._client, self.experiment_id, self.parent_id)
+        print(f"{self.stage}: logged MLflow run {run_id} to {self.uri}")
+        return run_id
+
+    def _log(
+        self,
+        run_id: str,
+        tags: list[Any],
+        params: list[Any],
+        metrics: list[Any],
+        artifacts: Sequence[Path],
+    ) -> None:
+        """Log tags, params, metrics, the datasets and artifacts (files at the root,
+        folders under their own name) to a run."""
+        if tags:
+            retry(lambda: self._client.log_batch(run_id, tags=tags))
+        for i in range(0, max(len(params), len(metrics), 1), BATCH):
+            retry(
+                lambda i=i: self._client.log_batch(
+                    run_id, metrics=metrics[i : i + BATCH], params=params[i : i + BATCH]
+                )
             )
+        self._log_datasets(run_id)
         for path in map(Path, artifacts):
             if path.is_dir():
                 self._client.log_artifacts(run_id, str(path), path.name)
             elif path.is_file():
                 self._client.log_artifact(run_id, str(path))
-        self._client.set_terminated(run_id, "FINISHED")
-        del self.run_ids[model]
-        if not self.run_ids and self in _OPEN:
-            _OPEN.remove(self)
-        print(f"{self.stage}: logged MLflow run {run_id} to {self.uri}")
-        return run_id
 
     def end(self, status: str = "FAILED") -> None:
-        """End every run still open (a failed stage); never raises, it runs at exit."""
+        """End every run still open (a failed stage) and settle the parent; never
+        raises, it runs at exit."""
+        self._monitors.stop()
         for run_id in list(self.run_ids.values()):
             with contextlib.suppress(Exception):  # the store may be what failed
                 self._client.set_terminated(run_id, status)
         self.run_ids.clear()
         if self in _OPEN:
             _OPEN.remove(self)
-
-
-@contextlib.contextmanager
-def report_bundle(
-    markdown: str, figures: Mapping[str, Path], to_html: Callable[[str, Path], str]
-) -> Iterator[tuple[Path, Path, Path]]:
-    """A report as it renders in MLflow, in a temporary folder, for a run's artifacts.
-
-    The folder holds ``report.md`` (``markdown``), the figures it links under
-    ``figures/`` and ``report.html``, the same report as one page from
-    ``to_html(markdown, folder)`` (MLflow's viewer shows no images in Markdown).
-
-    Args:
-        markdown: The report, linking its figures as ``figures/<path>``.
-        figures: ``<path>`` under ``figures/`` -> the file or folder copied there.
-        to_html: Renders the Markdown as a page, reading the figures it links from the
-            folder given.
-
-    Yields:
-        The Markdown file, the HTML page and the figure folder; all are deleted after.
-    """
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp)
-        report_file, figure_dir = folder / paths.REPORT_MD.name, folder / paths.FIGURES.name
-        report_file.write_text(markdown, encoding="utf-8")
-        for name, source in figures.items():
-            if source.is_dir():
-                shutil.copytree(source, figure_dir / name)
-            else:
-                (figure_dir / name).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(source, figure_dir / name)
-        page = folder / "report.html"
-        page.write_text(to_html(markdown, folder), encoding="utf-8")
-        yield report_file, page, figure_dir
+        with contextlib.suppress(Exception):
+            settle(self._client, self.experiment_id, self.parent_id)

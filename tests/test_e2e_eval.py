@@ -268,7 +268,7 @@ def check_tracking_store(metrics: dict, commit: str) -> None:
     # pretraining and fine-tuning curves never share a key
     pre, fine = by_stage["pretrain"][0], by_stage["finetune"][0]
     assert not set(pre.data.metrics) & set(fine.data.metrics)
-    assert all(k.startswith("pretrain/") for k in pre.data.metrics)
+    assert all(k.startswith(("pretrain/", "system/")) for k in pre.data.metrics)
     assert {"finetune/train_loss", "finetune/val_loss", "finetune/val_acc"} <= set(
         fine.data.metrics
     )

@@ -669,8 +669,25 @@ def predict_cli(cwd: Path, store: str, *args: str) -> subprocess.CompletedProces
 def test_predict_cli_scores_a_csv(registered: dict, store: str, project: Path) -> None:
     texts = [post(g, 900) for g in (0, 7, 19)]
     pd.DataFrame({"id": ["a", "b", "c"], "text": texts}).to_csv(project / "in.csv", index=False)
-    proc = predict_cli(project, store, "--input", "in.csv", "--output", "out.csv")  # register.json
+    # the default model is the champion of register.json's model: none before `make promote`
+    proc = predict_cli(project, store, "--input", "in.csv", "--output", "out.csv")
+    assert proc.returncode == 1 and not (project / "out.csv").exists()
+    last = proc.stderr.strip().splitlines()[-1]
+    assert (
+        last.startswith(f"error: models:/{NAME}@champion: no champion") and "make promote" in last
+    )
+    promote = subprocess.run(
+        [sys.executable, "-m", "pipeline.tools.promote"],
+        cwd=project,
+        env=env(store),
+        capture_output=True,
+        text=True,
+    )
+    assert promote.returncode == 0, promote.stderr[-3000:]
+    assert "champion (first version of" in promote.stdout
+    proc = predict_cli(project, store, "--input", "in.csv", "--output", "out.csv")
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"models:/{NAME}@champion" in proc.stdout
     out = pd.read_csv(project / "out.csv")
     assert list(out.columns) == [
         "id",

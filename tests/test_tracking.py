@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -14,6 +16,7 @@ import pytest
 import requests
 from mlflow import MlflowClient
 
+from pipeline.output_digests import dir_md5, file_md5
 from pipeline.run_keys import (
     finite_metrics,
     flatten,
@@ -29,6 +32,7 @@ from tests.helpers import (
     GIT_ENV,
     ROOT,
     archive_overrides,
+    read_json,
     run,
     run_stage,
     stage_env,
@@ -90,14 +94,16 @@ def workdir(tmp_path: Path, tiny_archive) -> Path:
 
 def test_stages_log_params_metrics_tags_and_artifacts(workdir: Path, tiny_archive) -> None:
     uri = f"sqlite:///{workdir.parent}/store.db"
+    shutil.copy2(ROOT / "dvc.yaml", workdir)  # the outputs whose hashes the parent gets
     for stage in ("fetch", "tokenize"):
         proc = run_stage(stage, workdir, MLFLOW_TRACKING_URI=uri)
         assert proc.returncode == 0, proc.stderr
     client = MlflowClient(tracking_uri=uri)
     experiment = client.get_experiment_by_name("newsgroups-pipeline")
     runs = {r.data.tags["stage"]: r for r in client.search_runs([experiment.experiment_id])}
-    assert set(runs) == {"fetch", "tokenize"}
+    assert set(runs) == {"fetch", "tokenize", "pipeline"}
     fetch, tokenize = runs["fetch"], runs["tokenize"]
+    check_parent(runs["pipeline"], [fetch, tokenize], workdir)
     assert fetch.data.params["data.validation_fraction"] == "0.1"
     assert fetch.data.params["seed"] == "42"
     assert "tokenizer.vocab_size" not in fetch.data.params  # only its own sections
@@ -118,6 +124,32 @@ def test_stages_log_params_metrics_tags_and_artifacts(workdir: Path, tiny_archiv
     assert artifacts == {"tokenize.json", "tokenizer.json"}
 
 
+def check_parent(parent, children: list, workdir: Path) -> None:
+    """One parent for the stages of one execution: every param, the output hashes, the
+    datasets of reports/data.json, and the status of its children."""
+    assert parent.data.tags["mlflow.runName"] == "pipeline (smoke)"
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parent.info.run_id}
+    assert parent.data.tags["pipeline_run"] == children[0].data.tags["pipeline_run"]
+    assert parent.data.params["tokenizer.vocab_size"] == "800"
+    assert parent.data.params["data.validation_fraction"] == "0.1"
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["output.data/raw"] == dir_md5(workdir / "data/raw")
+    assert parent.data.tags["output.reports/tokenize.json"] == file_md5(
+        workdir / "reports/tokenize.json"
+    )
+    datasets = read_json(workdir / "reports/data.json")["datasets"]
+    assert set(datasets) == {"train", "validation", "test"}
+    for linked in [parent, *children]:
+        inputs = linked.inputs.dataset_inputs
+        contexts = {i.dataset.name: i.tags[0].value for i in inputs}
+        assert contexts == {e["name"]: split for split, e in datasets.items()}
+        for i in inputs:
+            split = contexts[i.dataset.name]
+            assert i.dataset.digest == datasets[split]["digest"] and len(i.dataset.digest) == 36
+            assert json.loads(i.dataset.profile)["num_rows"] == datasets[split]["rows"] > 0
+            assert "text" in i.dataset.schema
+
+
 def test_a_failed_stage_ends_its_run_as_failed(workdir: Path) -> None:
     """The run opens when the stage starts; a stage that stops says so in the UI."""
     uri = f"sqlite:///{workdir.parent}/failed.db"
@@ -125,9 +157,11 @@ def test_a_failed_stage_ends_its_run_as_failed(workdir: Path) -> None:
     assert proc.returncode == 1 and "documents.parquet: not found" in proc.stderr
     client = MlflowClient(tracking_uri=uri)
     experiment = client.get_experiment_by_name("newsgroups-pipeline")
-    (failed,) = client.search_runs([experiment.experiment_id])
+    (failed,) = client.search_runs([experiment.experiment_id], "tags.stage = 'baseline'")
     assert failed.data.tags["stage"] == "baseline"
     assert failed.info.status == "FAILED" and failed.info.end_time >= failed.info.start_time
+    parent = client.get_run(failed.data.tags["mlflow.parentRunId"])
+    assert parent.info.status == "FAILED"  # no parent is left RUNNING
 
 
 def test_git_source_tags(workdir: Path, tmp_path: Path) -> None:
@@ -141,13 +175,18 @@ def test_git_source_tags(workdir: Path, tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     client = MlflowClient(tracking_uri=uri)
     experiment = client.get_experiment_by_name("newsgroups-pipeline")
-    tags = client.search_runs([experiment.experiment_id])[0].data.tags
+    (fetch,) = client.search_runs([experiment.experiment_id], "tags.stage = 'fetch'")
+    tags = fetch.data.tags
     assert tags["mlflow.source.git.commit"] == commit
     assert tags["mlflow.source.git.branch"] == "topic"
     assert tags["mlflow.source.git.repoURL"] == "https://example.com/repo.git"
     assert tags["mlflow.source.type"] in ("LOCAL", "JOB") and tags["mlflow.user"]
     assert tags["dvc_exp_name"] == "bushy-tins"
     assert tags["mlflow.runName"] == "fetch (smoke, bushy-tins)"
+    parent = client.get_run(tags["mlflow.parentRunId"]).data.tags
+    assert parent["mlflow.runName"] == "pipeline (smoke, bushy-tins)"
+    assert parent["dvc_exp_name"] == "bushy-tins"
+    assert parent["mlflow.source.git.commit"] == commit
 
 
 @pytest.mark.slow
@@ -296,10 +335,10 @@ def test_training_curves_in_mlflow_are_the_dvc_curves(workdir: Path, tmp_path: P
 # ------------------------------------------------------------------------- make ui
 
 
-def test_ui_url_opens_the_runs_table_filtered_to_evaluate() -> None:
+def test_ui_url_opens_the_runs_table_filtered_to_pipeline_runs() -> None:
     assert runs_table_url("http://127.0.0.1:5001/", "3") == (
         "http://127.0.0.1:5001/#/experiments/3/runs?workflowType=machine_learning"
-        "&searchFilter=tags.stage%20%3D%20%22evaluate%22"
+        "&searchFilter=tags.stage%20%3D%20%22pipeline%22"
     )
     assert runs_table_url("http://h:1", "3", charts=True).endswith("&compareRunsMode=CHART")
     assert runs_table_url("http://h:1", None) == "http://h:1/#/experiments"

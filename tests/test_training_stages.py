@@ -315,7 +315,9 @@ def test_a_killed_training_stage_resumes_to_the_same_weights(corpus: Path, tmp_p
 
     client = MlflowClient(tracking_uri=f"sqlite:///{killed / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("newsgroups-pipeline")
-    (done,) = client.search_runs([experiment.experiment_id], "attributes.status = 'FINISHED'")
+    (done,) = client.search_runs(
+        [experiment.experiment_id], "attributes.status = 'FINISHED' and tags.stage = 'pretrain'"
+    )
     history = client.get_metric_history(done.info.run_id, "pretrain/train_loss")
     rows = pd.read_csv(killed / "reports/pretrain/train.csv")
     assert sorted(m.step for m in history) == rows["step"].tolist()

@@ -140,6 +140,19 @@ def test_gate_is_the_last_step(steps: list[dict[str, Any]]) -> None:
     assert "if" not in steps[-1]  # a failed gate must fail the run, on every trigger
 
 
+def test_scheduled_runs_with_a_tracking_server_promote_after_the_gate(
+    steps: list[dict[str, Any]],
+) -> None:
+    """`make promote` runs only when the gate passed (same step, bash -e), on the schedule,
+    with a persistent tracking server; otherwise the log says promotion was skipped."""
+    script = steps[-1]["run"]
+    assert script.index("python -m pipeline.tools.gate") < script.index("make promote")
+    assert '[ "$GITHUB_EVENT_NAME" != "schedule" ]' in script
+    assert '[ -z "$MLFLOW_TRACKING_URI" ]' in script
+    assert script.count("promotion skipped") == 2
+    assert re.search(r"^promote:", (ROOT / "Makefile").read_text(), re.MULTILINE)
+
+
 def test_runs_go_to_a_tracking_server_or_the_store_is_uploaded(
     workflow: dict[str, Any], steps: list[dict[str, Any]]
 ) -> None:

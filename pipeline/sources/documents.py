@@ -2,12 +2,12 @@
 
 :func:`build_table` strips, splits, subsamples and orders the posts; :func:`make_report`
 counts them per split and class, measures thread and author overlap with train and
-digests the content.
+digests the content; :func:`split_datasets` describes each split as an MLflow dataset.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import pandas as pd
@@ -17,6 +17,9 @@ from pipeline.domain import SPLITS
 from pipeline.io import digest_strings
 from pipeline.sources.bydate import KNOWN_ARCHIVES, StripPart, author_of, strip_texts, thread_keys
 from pipeline.splits import ValidationParams, check_groups, overlap_with_train, split_validation
+
+DATASET_PREFIX = "newsgroups"  # MLflow dataset names: newsgroups-train, ...
+DATASET_DIGEST_CHARS = 36  # MLflow's limit on a dataset digest
 
 
 class TableParams(ValidationParams, Protocol):
@@ -87,6 +90,25 @@ def content_digest(df: pd.DataFrame) -> str:
         for row in ordered[["id", "label_name", "text"]].itertuples(index=False)
         for part in row
     )
+
+
+def split_datasets(df: pd.DataFrame, source: str) -> dict[str, dict[str, Any]]:
+    """One MLflow dataset per split of the documents table ``df``, read from ``source``
+    (the archive's URL or file): ``name``, ``digest``, ``source`` and ``rows``.
+
+    MLflow caps a dataset digest at 36 characters: the digest is the start of the split's
+    :func:`content_digest`.
+    """
+    entries = {}
+    for split in SPLITS:
+        part = df[df["split"] == split]
+        entries[split] = {
+            "name": f"{DATASET_PREFIX}-{split}",
+            "digest": content_digest(part)[:DATASET_DIGEST_CHARS],
+            "source": source,
+            "rows": len(part),
+        }
+    return entries
 
 
 def make_report(

@@ -9,7 +9,8 @@ validation split is carved out of train by ``data.validation`` (:mod:`pipeline.s
 
 Outputs: ``data/raw/documents.parquet`` (id, split, label, label_name, text) and
 ``reports/data.json`` (documents per split and class, content digests, the validation
-scheme and the share of validation and test posts whose thread has train posts).
+scheme, the share of validation and test posts whose thread has train posts, and the
+MLflow dataset of each split with the exact digest it is logged with).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from pipeline.sources.bydate import (
     resolve_source,
     verify_archive,
 )
-from pipeline.sources.documents import build_table, make_report
+from pipeline.sources.documents import build_table, make_report, split_datasets
 from pipeline.splits import ValidationScheme, check_groups
 from pipeline.tracking import StageRun, split_report
 
@@ -100,6 +101,7 @@ def main() -> None:
     df, keys, dropped = build_table(raw, params, seed)
     validate(df, Documents, str(paths.RAW / paths.DOCUMENTS.name))
     report = make_report(df, keys, raw, archive_sha256, params, dropped)
+    report["datasets"] = split_datasets(df, source.download_url or str(source.path))
     with atomic_outputs() as out:
         df.to_parquet(out.dir(paths.RAW) / paths.DOCUMENTS.name, index=False)
         write_json(out.file(paths.stage_report("data")), report)
@@ -107,7 +109,7 @@ def main() -> None:
         f"fetch: {report['documents']} -> {paths.RAW / paths.DOCUMENTS.name}, "
         f"{paths.stage_report('data')}"
     )
-    _, stats = split_report("fetch", report, {}, skip=("per_class",))
+    _, stats = split_report("fetch", report, {}, skip=("per_class", "datasets"))
     tracking.finish(
         ["seed", "data"],
         report=stats,

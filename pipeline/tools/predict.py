@@ -5,7 +5,8 @@
         --output preds.jsonl
 
 ``--model`` is any MLflow model URI (``models:/NAME/VERSION``, ``runs:/...``) or a local
-model folder; without it, the ``model_uri`` of ``reports/register.json``. ``models:/``
+model folder; without it, ``models:/NAME@champion`` for the ``model_name`` of
+``reports/register.json`` (``make promote`` sets the alias). ``models:/``
 URIs are looked up in ``MLFLOW_TRACKING_URI``, else ``--tracking-uri``, else the project's
 store (the same resolution as the stages). Input: ``.csv`` / ``.jsonl`` with a ``text``
 column (``--column``), or ``.txt`` with one text per line. Output (``.csv`` or ``.jsonl``):
@@ -34,6 +35,8 @@ from pipeline.io import atomic_outputs
 from pipeline.served_sets import LEVEL_PARAM, NO_SETS, SET_COLUMN
 from pipeline.serving import TEXT_COLUMN, validate_texts
 from pipeline.tracking import resolve_uri
+
+CHAMPION = "champion"  # the alias `make promote` moves (pipeline.tools.promote)
 
 INPUT_SUFFIXES = (".csv", ".jsonl", ".txt")
 OUTPUT_SUFFIXES = (".csv", ".jsonl")
@@ -64,7 +67,7 @@ def read_texts(path: Path, column: str = TEXT_COLUMN) -> pd.DataFrame:
 
 
 def default_model() -> str:
-    """The model the last ``register`` run registered."""
+    """The champion version of the model the last ``register`` run registered."""
     try:
         report = json.loads(paths.stage_report("register").read_text(encoding="utf-8"))
     except (FileNotFoundError, json.JSONDecodeError):
@@ -76,7 +79,7 @@ def default_model() -> str:
         raise PipelineError(
             f"{paths.stage_report('register')}: no model was registered (tracking disabled?)"
         )
-    return report["model_uri"]
+    return f"models:/{report['model_name']}@{CHAMPION}"
 
 
 def load_model(uri: str, tracking_uri: str | None) -> mlflow.pyfunc.PyFuncModel:
@@ -89,6 +92,10 @@ def load_model(uri: str, tracking_uri: str | None) -> mlflow.pyfunc.PyFuncModel:
     try:
         return mlflow.pyfunc.load_model(uri)
     except (MlflowException, OSError) as exc:
+        if uri.endswith(f"@{CHAMPION}") and "alias" in first_line(exc).lower():
+            raise PipelineError(
+                f"{uri}: no champion version yet: run `make promote` (or pass --model)"
+            ) from None
         raise PipelineError(f"cannot load model {uri}: {first_line(exc)}") from None
 
 

@@ -2,10 +2,11 @@
 
 MLflow 3.17's UI opens an experiment on its GenAI pages; the classic runs table is
 ``#/experiments/<id>/runs?workflowType=machine_learning`` and ``searchFilter=``
-pre-fills its filter. This prints that URL, filtered to the ``evaluate`` runs (one row per
-model with ``test_accuracy``, ``test_ece``, ``test_nll``), and the same page in chart mode
-(``compareRunsMode=CHART``: one bar chart per metric, a bar per model, no column to pick:
-the table shows metric columns only once they are added with *Columns*), then runs
+pre-fills its filter. This prints that URL, filtered to the parent runs (one row per
+pipeline execution, with every param and ``<model>/test_accuracy``, ``<model>/test_ece``,
+``<model>/test_nll``; its stage runs fold under it), and the same page in chart mode
+(``compareRunsMode=CHART``: one bar chart per metric, a bar per execution, no column to
+pick: the table shows metric columns only once they are added with *Columns*), then runs
 ``mlflow ui``. A port that is taken is one ``error:`` line and exit 1 (``mlflow ui``
 itself exits 0 there); a tracking server (``MLFLOW_TRACKING_URI=http...``) is not served
 again: its URL is printed.
@@ -24,9 +25,10 @@ from urllib.parse import quote
 
 from pipeline.config import PARAMS_FILE, load_section
 from pipeline.errors import PipelineError, run_stage
+from pipeline.parent_run import PARENT_STAGE
 from pipeline.tracking import TrackingParams, resolve_uri
 
-RUNS_FILTER = 'tags.stage = "evaluate"'
+RUNS_FILTER = f'tags.stage = "{PARENT_STAGE}"'
 
 
 def runs_table_url(
