@@ -296,8 +296,17 @@ def check_tracking_store(metrics: dict, commit: str) -> None:
         assert "figures/risk_coverage.png" in links and f"figures/{model}/reliability.png" in links
         assert all(Path(artifacts, link).is_file() for link in links), links
         assert 'src="data:image/png;base64,' in Path(artifacts, "report.html").read_text()
-    keys = {k for r in runs for k in r.data.metrics}
+    stage_runs = [r for r in runs if r.data.tags["stage"] != "pipeline"]
+    keys = {k for r in stage_runs for k in curves(r)}
     assert len(keys) <= 40, sorted(keys)  # a few headline numbers per stage (was 168)
+    # the one parent row carries each model's calibrated test metrics of metrics.json
+    (parent,) = by_stage["pipeline"]
+    assert {r.data.tags["mlflow.parentRunId"] for r in stage_runs} == {parent.info.run_id}
+    for model in MODELS:
+        calibrated = metrics[model]["calibrated"]
+        assert parent.data.metrics[f"{model}/test_accuracy"] == pytest.approx(
+            calibrated["accuracy"]
+        )
     # a smoke run never registers under the production name
     assert not client.search_registered_models(f"name = '{PRODUCTION}'")
     # the smoke run's version (later tests' reruns may have moved the alias since)
