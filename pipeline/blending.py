@@ -43,12 +43,12 @@ def fit_weights(parts: np.ndarray, labels: np.ndarray, max_iter: int) -> np.ndar
     import torch
     import torch.nn.functional as F
 
-    from pipeline.calibration import _lbfgs
+    from pipeline.calibration.optim import lbfgs
 
     z = torch.tensor(parts, dtype=torch.float64)
     y = torch.tensor(labels, dtype=torch.long)
     w = torch.ones(len(parts), dtype=torch.float64, requires_grad=True)
-    _lbfgs([w], lambda: F.cross_entropy(torch.einsum("m,mnk->nk", w, z), y), max_iter)
+    lbfgs([w], lambda: F.cross_entropy(torch.einsum("m,mnk->nk", w, z), y), max_iter)
     return w.detach().numpy().copy()
 
 

@@ -65,7 +65,6 @@ from pipeline.parent_run import (
     retry,
     settle,
 )
-from pipeline.run_artifacts import report_bundle
 from pipeline.run_keys import (
     finite_metrics,
     is_rank_zero,
@@ -81,11 +80,10 @@ from pipeline.run_keys import (
 )
 from pipeline.system_metrics import TRAINING_STAGES, Monitors
 
-__all__ = [  # report_bundle, resolve_uri and split_report are re-exported for the stages
+__all__ = [  # resolve_uri and split_report are re-exported for the stages
     "CurveSink",
     "StageRun",
     "TrackingParams",
-    "report_bundle",
     "resolve_uri",
     "split_report",
 ]

@@ -29,8 +29,6 @@ from pipeline.calibration.scaling import (
 )
 from pipeline.calibration.select import METHODS, fit_calibrator, select_auto
 
-_lbfgs = lbfgs  # the name the blend stage imports
-
 __all__ = [
     "DEFAULT_EPS",
     "METHODS",

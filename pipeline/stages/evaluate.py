@@ -55,11 +55,12 @@ from pipeline.evaluation import (
 from pipeline.io import atomic_outputs, write_json
 from pipeline.predictions import read_documents
 from pipeline.report import render_report, report_html
+from pipeline.run_artifacts import report_bundle
 from pipeline.schemas import MetricsRow, validate
 from pipeline.set_evaluation import read_set_states, score_sets, validate_set_rows, write_set_views
 from pipeline.set_params import load_set_choice
 from pipeline.stages.calibrate import CalibrateParams
-from pipeline.tracking import StageRun, report_bundle
+from pipeline.tracking import StageRun
 
 MLFLOW_METRICS = {  # calibrated summary key -> metric of the evaluate/<model> run
     "accuracy": "test_accuracy",
